@@ -1,0 +1,271 @@
+"""Configuration: the user's `aws_env_vars` file, process environment overrides, tool defaults.
+
+`aws_env_vars` is the seed's file, kept as plain `KEY=VALUE` lines so that shell users can still read
+it. We parse it ourselves (with line numbers) rather than `export $(cat aws_env_vars | xargs)`, which
+breaks on comments and spaces. Precedence: process environment > `aws_env_vars` > model defaults.
+Tool defaults (instance types, sizes, timeouts) live in `invoke.yaml` under `remotefit:`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from remotefit.errors import UserError
+
+ENV_FILE = "aws_env_vars"
+ENV_FILE_ENV = "REMOTEFIT_ENV_FILE"  # lets tests and users point at another file
+GENERATED_ENV = "REMOTEFIT_GENERATED"  # lets tests isolate generated/
+
+_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
+
+
+@cache
+def aws_regions() -> frozenset[str]:
+    """Every commercial, China and GovCloud region name botocore knows (its own endpoint data)."""
+    import botocore.session
+
+    data = botocore.session.get_session().get_data("endpoints")
+    return frozenset(r for part in data["partitions"] for r in part.get("regions", {}))
+
+
+def bucket_name_problem(name: str) -> str | None:
+    """Return why `name` breaks S3's general-purpose bucket naming rules, or None when it is valid."""
+    if not 3 <= len(name) <= 63:
+        return f"must be 3 to 63 characters long (it has {len(name)})"
+    if not re.fullmatch(r"[a-z0-9.-]+", name):
+        return "may hold only lowercase letters, digits, dots and hyphens"
+    if not (name[0].isalnum() and name[-1].isalnum()):
+        return "must start and end with a lowercase letter or digit"
+    if ".." in name:
+        return "must not contain two adjacent dots"
+    try:
+        ipaddress.IPv4Address(name)
+        return "must not be formatted as an IP address"
+    except ValueError:
+        pass
+    for prefix in ("xn--", "sthree-", "amzn-s3-demo-"):
+        if name.startswith(prefix):
+            return f"must not start with '{prefix}'"
+    for suffix in ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3"):
+        if name.endswith(suffix):
+            return f"must not end with '{suffix}'"
+    return None
+
+
+class Settings(BaseSettings):
+    """What `aws_env_vars` (and the environment) says about the account and stage."""
+
+    model_config = SettingsConfigDict(extra="forbid", case_sensitive=True, validate_default=True)
+
+    AWS_ACCOUNT: str = Field(description="A name for the AWS account; names generated/<AWS_ACCOUNT>.tfvars.")
+    AWS_REGION: str = Field(description="The AWS region the nodes and the state bucket live in.")
+    STAGE: str = Field(description="Stage (environment) name: one state key and one set of nodes per stage.")
+    TF_STATE_BUCKET: str = Field(description="The S3 bucket holding Terraform state.")
+    AWS_PROFILE: str | None = Field(default=None, description="Named profile from ~/.aws for real AWS.")
+    TARGET: Literal["aws", "sandbox"] = Field(default="sandbox", description="aws, or the embedded sandbox.")
+
+    @field_validator("AWS_ACCOUNT")
+    @classmethod
+    def _account(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty; set it to a short name for your account, e.g. myteam")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("must be usable in a file name: letters, digits, '.', '_' and '-', e.g. myteam")
+        return v
+
+    @field_validator("AWS_REGION")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        if v not in aws_regions():
+            close = difflib.get_close_matches(v, sorted(aws_regions()), n=1)
+            hint = f"did you mean {close[0]}?" if close else "use a region name such as us-east-1"
+            raise ValueError(f"is not an AWS region; {hint}")
+        return v
+
+    @field_validator("STAGE")
+    @classmethod
+    def _stage(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?", v):
+            raise ValueError("must be 1-32 lowercase letters, digits and hyphens, e.g. dev")
+        return v
+
+    @field_validator("TF_STATE_BUCKET")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        problem = bucket_name_problem(v)
+        if problem:
+            raise ValueError(f"is not a valid S3 bucket name: it {problem}")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init kwargs carry the parsed aws_env_vars; the environment wins over the file.
+        return (env_settings, init_settings)
+
+    @property
+    def is_sandbox(self) -> bool:
+        return self.TARGET == "sandbox"
+
+    def env_lines(self) -> list[str]:
+        """Shell-quoted `export` lines for the settings, for `eval "$(inv env)"`."""
+        return [f"export {k}={shlex.quote(str(v))}" for k, v in self.model_dump().items() if v is not None]
+
+
+class Defaults(BaseModel):
+    """Tool defaults a user may override in invoke.yaml under `remotefit:`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu_instance_type: str = "g5.xlarge"
+    cpu_instance_type: str = "c7i.xlarge"
+    gpu_fallback_types: list[str] = ["g6.xlarge", "g4dn.xlarge"]
+    cpu_fallback_types: list[str] = ["c6i.xlarge", "m7i.xlarge"]
+    allow_on_demand_fallback: bool = True
+    max_nodes: int = Field(default=8, ge=1)
+    max_hours: float = 8.0
+    max_hours_limit: float = Field(default=72.0, description="Refuse --max-hours above this.")
+    idle_minutes: int = 30
+    gpu_disk_gb: int = 150
+    cpu_disk_gb: int = 50
+    ssh_ready_timeout_s: int = 900
+    sync_warn_mb: int = 200
+    terraform_binary: str = "terraform"
+    terraform_mirror: str | None = Field(default=None, description="Filesystem provider mirror for init.")
+    caller_ip_url: str = "https://checkip.amazonaws.com"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where things live. Everything we write goes under `generated/`."""
+
+    root: Path
+    generated: Path
+
+    @classmethod
+    def at(cls, root: Path | str | None = None) -> Paths:
+        root = Path(root or Path.cwd()).resolve()
+        gen = os.environ.get(GENERATED_ENV)
+        return cls(root=root, generated=Path(gen).resolve() if gen else root / "generated")
+
+    @property
+    def templates(self) -> Path:
+        return self.root / "templates"
+
+    @property
+    def terraform_dir(self) -> Path:
+        return self.generated / "terraform"
+
+    @property
+    def sandbox_dir(self) -> Path:
+        return self.generated / "sandbox"
+
+    @property
+    def backend_file(self) -> Path:
+        return self.generated / "backend.hcl"
+
+    @property
+    def ssh_config(self) -> Path:
+        return self.generated / "ssh_config"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    def tfvars(self, settings: Settings) -> Path:
+        return self.generated / f"{settings.AWS_ACCOUNT}.tfvars"
+
+
+def parse_env_file(path: Path) -> dict[str, tuple[str, int]]:
+    """Parse KEY=VALUE lines into {key: (value, line number)}; comments and blanks are skipped."""
+    if not path.exists():
+        raise UserError(
+            f"{path.name}: file not found at {path}; copy the shipped aws_env_vars from the repo root "
+            f"or point {ENV_FILE_ENV} at yours"
+        )
+    out: dict[str, tuple[str, int]] = {}
+    for no, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _LINE.match(line)
+        if not m:
+            raise UserError(f"{path.name}:{no}: malformed line {raw.strip()!r}; expected KEY=VALUE")
+        key, value = m.group(1), m.group(2).strip()
+        if value[:1] in "\"'":
+            try:
+                parts = shlex.split(value, comments=True)
+            except ValueError as exc:
+                raise UserError(f"{path.name}:{no}: {key} has an unclosed quote ({exc}); close it") from None
+            value = parts[0] if parts else ""
+        else:
+            value = re.sub(r"\s+#.*$", "", value)  # trailing comment
+        out[key] = (value, no)
+    return out
+
+
+def _field_source(key: str, file_values: dict[str, tuple[str, int]], path: Path) -> str:
+    if key in os.environ:
+        return f"environment variable {key}"
+    if key in file_values:
+        return f"{path.name}:{file_values[key][1]}: {key}"
+    return f"{path.name}: {key}"
+
+
+def load_settings(root: Path | str | None = None) -> Settings:
+    """Load and validate `aws_env_vars`, with environment overrides; UserError names file, key and fix."""
+    root = Path(root or Path.cwd())
+    path = Path(os.environ.get(ENV_FILE_ENV) or root / ENV_FILE)
+    values = parse_env_file(path)
+    known = list(Settings.model_fields)
+    for key, (_, no) in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
+            raise UserError(f"{path.name}:{no}: unknown key {key}; {hint}")
+    try:
+        return Settings(**{k: v for k, (v, _) in values.items()})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else "?"
+        where = _field_source(key, values, path)
+        if err["type"] == "missing":
+            raise UserError(f"{where} is missing; add a line {key}=... to {path.name}") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "literal_error":
+            msg = "must be aws or sandbox"
+        raise UserError(f"{where}={err.get('input')!r} {msg}") from None
+
+
+def load_defaults(raw: dict[str, Any] | None) -> Defaults:
+    """Validate the `remotefit:` section of invoke.yaml; a typo is an error that suggests the key."""
+    raw = dict(raw or {})
+    known = list(Defaults.model_fields)
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}?" if close else "see remotefit/config.py Defaults"
+            raise UserError(f"invoke.yaml: remotefit.{key} is not a known setting; {hint}")
+    try:
+        return Defaults(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"invoke.yaml: remotefit.{key}={err.get('input')!r}: {err['msg']}") from None

@@ -1,0 +1,544 @@
+"""Training nodes: the spec from flags, pre-flight, apply with capacity fallback, SSH readiness,
+status, stop/start, destroy with verification, and garbage collection of orphans.
+
+The inventory of live nodes is generated/nodes.json (written after every apply); the last applied
+node variables are kept in generated/node_vars.json so every later Terraform run (plan, destroy)
+sees the same values.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from remotefit import cost, preflight, steps
+from remotefit.errors import UserError
+from remotefit.keys import ensure_key, public_key
+from remotefit.proc import atomic_write, echo, run
+from remotefit.ssh import Node, alias, remote, ssh_argv, ssh_close_argv, ssh_config_text
+from remotefit.workspace import Workspace, check_cidr
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What the user asked for, validated before any API call."""
+
+    profile: str  # "cpu" or "gpu"
+    instance_type: str
+    market: str  # "on-demand" or "spot"
+    nodes: int
+    disk_gb: int
+    max_hours: float
+    idle_minutes: int
+    allow_cidr: str | None = None
+    i_know: bool = False
+
+
+def resolve_spec(
+    ws: Workspace,
+    *,
+    gpu: bool = False,
+    cpu: bool = False,
+    instance_type: str | None = None,
+    spot: bool = False,
+    nodes: int = 1,
+    disk_gb: int | None = None,
+    max_hours: float | None = None,
+    idle_minutes: int | None = None,
+    allow_cidr: str | None = None,
+    i_know: bool = False,
+) -> NodeSpec:
+    """Turn flags into a NodeSpec; every bad input is one line naming the flag and the fix."""
+    d = ws.defaults
+    if gpu and cpu:
+        raise UserError("--gpu and --cpu both given; pick one")
+    if not gpu and not cpu and instance_type:
+        gpu = cost.is_gpu_type(instance_type)
+    profile = "gpu" if gpu else "cpu"
+    itype = instance_type or (d.gpu_instance_type if gpu else d.cpu_instance_type)
+    if instance_type and gpu and not cost.is_gpu_type(itype):
+        raise UserError(f"--instance-type {itype} has no GPU but --gpu was given; use a g*/p* type or --cpu")
+    if instance_type and cpu and cost.is_gpu_type(itype):
+        raise UserError(f"--instance-type {itype} is a GPU type but --cpu was given; use --gpu, or a CPU type such as {d.cpu_instance_type}")
+    if not 1 <= nodes <= d.max_nodes:
+        raise UserError(f"--nodes {nodes} must be between 1 and {d.max_nodes} (max_nodes in invoke.yaml)")
+    hours = d.max_hours if max_hours is None else max_hours
+    if not 0 < hours <= d.max_hours_limit:
+        raise UserError(f"--max-hours {hours:g} must be more than 0 and at most {d.max_hours_limit:g} (max_hours_limit in invoke.yaml)")
+    idle = d.idle_minutes if idle_minutes is None else idle_minutes
+    if idle < 1:
+        raise UserError(f"--idle-minutes {idle} must be at least 1")
+    disk = disk_gb if disk_gb is not None else (d.gpu_disk_gb if gpu else d.cpu_disk_gb)
+    if not 8 <= disk <= 16384:
+        raise UserError(f"--disk-gb {disk} must be between 8 and 16384")
+    if allow_cidr:
+        allow_cidr = check_cidr(allow_cidr, i_know)
+    return NodeSpec(profile, itype, "spot" if spot else "on-demand", nodes, disk, hours, idle, allow_cidr, i_know)
+
+
+# -- generated records ------------------------------------------------------------------
+def _vars_file(ws: Workspace) -> Path:
+    return ws.paths.generated / "node_vars.json"
+
+
+def _inventory_file(ws: Workspace) -> Path:
+    return ws.paths.generated / "nodes.json"
+
+
+def load_node_vars(ws: Workspace) -> dict[str, Any] | None:
+    try:
+        return json.loads(_vars_file(ws).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def inventory(ws: Workspace) -> list[Node]:
+    try:
+        return [Node(**n) for n in json.loads(_inventory_file(ws).read_text())["nodes"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def require_nodes(ws: Workspace) -> list[Node]:
+    nodes = inventory(ws)
+    if not nodes:
+        raise UserError(f"no nodes are up for stage {ws.stage}: run `inv apply` (or `inv apply --gpu`) first")
+    return nodes
+
+
+def _pinned_ami(ws: Workspace, profile: str, refresh: bool) -> dict[str, str]:
+    """Resolve the AMI once per region and profile and keep it, so "latest" moving never replaces a node."""
+    pins_file = ws.paths.generated / "ami_pins.json"
+    try:
+        pins = json.loads(pins_file.read_text())
+    except (OSError, ValueError):
+        pins = {}
+    key = f"{ws.settings.AWS_REGION}/{profile}/{ws.endpoint or 'aws'}"
+    if refresh or key not in pins:
+        ami = ws.ami_resolver().resolve(profile)
+        pins[key] = {"id": ami.id, "ssh_user": ami.ssh_user, "python": ami.python, "source": ami.source}
+        atomic_write(pins_file, json.dumps(pins, indent=2))
+    return pins[key]
+
+
+def node_variables(ws: Workspace, spec: NodeSpec, az: str, instance_type: str, market: str, refresh_ami: bool = False) -> dict[str, Any]:
+    """The tfvars for the nodes (everything beyond the seed's name/region/environment)."""
+    ami = _pinned_ami(ws, spec.profile, refresh_ami)
+    return {
+        "owner": _owner(ws),
+        "node_count": spec.nodes,
+        "instance_type": instance_type,
+        "market": market,
+        "ami_id": ami["id"],
+        "availability_zone": az,
+        "allow_cidr": ws.caller_cidr(spec.allow_cidr, spec.i_know),
+        "public_key": public_key(ws.paths.generated, ws.stage),
+        "disk_gb": spec.disk_gb,
+        "max_hours": spec.max_hours,
+        "idle_minutes": spec.idle_minutes,
+        "ssh_user": ami["ssh_user"],
+        # moto does not implement placement groups; real AWS gets one for several nodes.
+        "cluster_placement": spec.nodes > 1 and ws.supports("placement_groups"),
+    }
+
+
+def _owner(ws: Workspace) -> str:
+    return ws.caller_identity()["Arn"]
+
+
+def default_az(ws: Workspace, instance_type: str) -> str:
+    return preflight.azs_offering(ws.client("ec2"), instance_type)[0]
+
+
+def write_tfvars(ws: Workspace, spec: NodeSpec | None = None) -> Path:
+    """`inv tfvars`: write the tfvars for `spec`, or for the last applied nodes, or for the defaults."""
+    if spec is None:
+        saved = load_node_vars(ws)
+        if saved:
+            return steps.write_tfvars(ws, saved | {"public_key": public_key(ws.paths.generated, ws.stage)})
+        spec = resolve_spec(ws)
+    values = node_variables(ws, spec, default_az(ws, spec.instance_type), spec.instance_type, spec.market)
+    return steps.write_tfvars(ws, values)
+
+
+def refresh_tfvars(ws: Workspace) -> Path | None:
+    """Rewrite tfvars from the saved node variables (the sandbox endpoint may have moved)."""
+    saved = load_node_vars(ws)
+    return steps.write_tfvars(ws, saved) if saved else None
+
+
+# -- plan / apply -----------------------------------------------------------------------
+def preflight_checks(ws: Workspace, spec: NodeSpec) -> dict[str, list[str]]:
+    """Instance types exist, AZs offer them, quotas cover them. Returns {type: [azs]} to try."""
+    ec2 = ws.client("ec2")
+    ws.caller_identity()  # missing or expired credentials: fail here, before anything is created
+    preflight.check_instance_type(ec2, spec.instance_type)
+    fallbacks = ws.defaults.gpu_fallback_types if spec.profile == "gpu" else ws.defaults.cpu_fallback_types
+    azs: dict[str, list[str]] = {spec.instance_type: preflight.azs_offering(ec2, spec.instance_type)}
+    for t in fallbacks:
+        try:
+            azs[t] = preflight.azs_offering(ec2, t)
+        except UserError:
+            continue  # a fallback not offered here is simply not tried
+    vcpus = preflight.vcpus_of(ec2, spec.instance_type) * spec.nodes
+    result = preflight.check_quota(ws.client("service-quotas"), spec.instance_type, spec.market, vcpus, ws.settings.AWS_REGION, nodes=spec.nodes)  # type: ignore[arg-type]
+    if result is None:
+        echo("warning: could not read the vCPU quota for this instance family (Service Quotas unreachable); continuing")
+    return azs
+
+
+def cost_lines(ws: Workspace, spec: NodeSpec) -> list[str]:
+    est = cost.estimate(spec.instance_type, spec.market, spec.nodes, spec.max_hours, ws.settings.AWS_REGION, ec2=ws.client("ec2"))  # type: ignore[arg-type]
+    return est.lines()
+
+
+def plan(ws: Workspace, spec: NodeSpec) -> int:
+    """Pre-flight, cost, then `terraform plan` with what apply would use. Returns plan's detailed code."""
+    preflight_checks(ws, spec)
+    for line in cost_lines(ws, spec):
+        echo(line)
+    steps.write_tfvars(ws, node_variables(ws, spec, default_az(ws, spec.instance_type), spec.instance_type, spec.market))
+    tf = steps.init(ws)
+    return tf.plan(ws.paths.tfvars(ws.settings), detailed=True)
+
+
+def apply(ws: Workspace, spec: NodeSpec, refresh_ami: bool = False, wait: bool = True) -> list[Node]:
+    """Create (or change) the nodes; on capacity errors try other AZs, fallback types, then on-demand."""
+    azs = preflight_checks(ws, spec)
+    for line in cost_lines(ws, spec):
+        echo(line)
+    ensure_key(ws.paths.generated, ws.stage)
+    candidates = preflight.launch_candidates(
+        spec.instance_type,
+        spec.market,  # type: ignore[arg-type]
+        azs,
+        ws.defaults.gpu_fallback_types if spec.profile == "gpu" else ws.defaults.cpu_fallback_types,
+        ws.defaults.allow_on_demand_fallback,
+    )
+    tf = steps.terraform(ws)
+    tried: list[str] = []
+    for cand in candidates:
+        values = node_variables(ws, spec, cand.az, cand.instance_type, cand.market, refresh_ami)
+        steps.write_tfvars(ws, values)
+        if not tried:
+            steps.init(ws, tf)
+        echo(f"apply: {spec.nodes} × {cand.instance_type} ({cand.market}) in {cand.az}")
+        try:
+            tf.apply(ws.paths.tfvars(ws.settings))
+        except UserError as exc:
+            kind = preflight.classify_launch_error(exc.message)
+            if kind != "capacity":
+                raise
+            tried.append(f"{cand.instance_type}/{cand.market}/{cand.az}: {exc.message}")
+            echo(f"apply: no capacity for {cand.instance_type} ({cand.market}) in {cand.az}; trying the next option")
+            continue
+        atomic_write(_vars_file(ws), json.dumps(values, indent=2))
+        nodes = _record_nodes(ws, tf)
+        if wait:
+            wait_ready(ws, nodes, gpu=spec.profile == "gpu")
+        return nodes
+    # Nothing had capacity: leave nothing behind, and show every error we met.
+    echo("apply: every option failed; destroying what was created")
+    tf.destroy(ws.paths.tfvars(ws.settings), quiet=True)
+    raise UserError("no capacity anywhere: " + " | ".join(tried) + "; try later, another region, or --instance-type")
+
+
+def _record_nodes(ws: Workspace, tf: Any) -> list[Node]:
+    out = tf.output()
+    described = {i["InstanceId"]: i for i in _describe(ws, [n["id"] for n in out.get("nodes", [])])}
+    pub = public_key(ws.paths.generated, ws.stage)
+    saved = load_node_vars(ws) or {}
+    python = _pinned_ami_python(ws, saved)
+    nodes = []
+    for idx, n in enumerate(out.get("nodes", [])):
+        reach = ws.reach_node(n["id"], n.get("public_ip") or "", out.get("ssh_user", "ubuntu"), pub, saved)
+        launch = described.get(n["id"], {}).get("LaunchTime")
+        nodes.append(
+            Node(
+                index=idx,
+                alias=alias(ws.stage, idx),
+                instance_id=n["id"],
+                host=reach.host,
+                port=reach.port,
+                user=reach.user,
+                private_ip=reach.private_host or n.get("private_ip") or "",
+                workdir=reach.workdir,
+                python=reach.python or python,
+                instance_type=n["instance_type"],
+                market=n["market"],
+                availability_zone=n["availability_zone"],
+                launch_time=launch.isoformat() if launch else datetime.now(UTC).isoformat(),
+            )
+        )
+    ws.forget_unreached({n.instance_id for n in nodes})
+    write_inventory(ws, nodes)
+    return nodes
+
+
+def _pinned_ami_python(ws: Workspace, saved: dict[str, Any]) -> str:
+    try:
+        pins = json.loads((ws.paths.generated / "ami_pins.json").read_text())
+    except (OSError, ValueError):
+        return "python3"
+    for pin in pins.values():
+        if pin["id"] == saved.get("ami_id"):
+            return str(pin["python"])
+    return "python3"
+
+
+def write_inventory(ws: Workspace, nodes: list[Node]) -> None:
+    atomic_write(_inventory_file(ws), json.dumps({"stage": ws.stage, "nodes": [n.to_dict() for n in nodes]}, indent=2))
+    key = ensure_key(ws.paths.generated, ws.stage)
+    atomic_write(ws.paths.ssh_config, ssh_config_text(nodes, key, ws.paths.generated / "known_hosts"), mode=0o600)
+
+
+READY_CMD = (
+    # cloud-init finishing means user_data armed the guards; images without cloud-init have none to wait for.
+    "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait >/dev/null || true; fi; "
+    "mkdir -p {workdir}"
+)
+
+
+def wait_ready(ws: Workspace, nodes: list[Node], gpu: bool = False, timeout: float | None = None) -> float:
+    """Wait (bounded) until every node answers over SSH and has finished booting; return seconds."""
+    timeout = timeout or ws.defaults.ssh_ready_timeout_s
+    t0 = time.monotonic()
+    pending = list(nodes)
+    last = ""
+    while pending:
+        for n in list(pending):
+            res = run(ssh_argv(ws.paths.ssh_config, n.alias, READY_CMD.format(workdir=n.workdir)), capture=True, check=False, timeout=120)
+            if res.returncode == 0:
+                pending.remove(n)
+                echo(f"ready: {n.alias} ({n.instance_id}) after {time.monotonic() - t0:.1f} s")
+            else:
+                last = (res.stderr or res.stdout).strip().splitlines()[-1:] and (res.stderr or res.stdout).strip().splitlines()[-1]
+        if pending and time.monotonic() - t0 > timeout:
+            raise UserError(
+                f"{', '.join(n.alias for n in pending)} did not answer over SSH within {timeout:.0f} s ({last}); "
+                "check `inv status`, then `inv destroy` or retry `inv apply`"
+            )
+        if pending:
+            time.sleep(1.0)
+    if gpu:
+        for n in nodes:
+            res = run(ssh_argv(ws.paths.ssh_config, n.alias, "nvidia-smi --query-gpu=name,driver_version --format=csv,noheader"), capture=True, check=False)
+            if res.returncode != 0:
+                raise UserError(f"{n.alias}: nvidia-smi failed on a GPU node ({(res.stderr or res.stdout).strip()[:200]}); the image has no working driver")
+            echo(f"gpu: {n.alias}: {res.stdout.strip()}")
+    return time.monotonic() - t0
+
+
+# -- status / ssh / stop / start --------------------------------------------------------
+def _describe(ws: Workspace, ids: list[str]) -> list[dict[str, Any]]:
+    if not ids:
+        return []
+    from botocore.exceptions import ClientError
+
+    try:
+        res = ws.client("ec2").describe_instances(InstanceIds=ids)
+    except ClientError:
+        # One id already gone makes the batch call fail; ask one by one.
+        out = []
+        for i in ids:
+            try:
+                out += [x for r in ws.client("ec2").describe_instances(InstanceIds=[i])["Reservations"] for x in r["Instances"]]
+            except ClientError:
+                continue
+        return out
+    return [i for r in res["Reservations"] for i in r["Instances"]]
+
+
+def status_rows(ws: Workspace, now: datetime | None = None) -> list[dict[str, str]]:
+    now = now or datetime.now(UTC)
+    nodes = inventory(ws)
+    saved = load_node_vars(ws) or {}
+    described = {i["InstanceId"]: i for i in _describe(ws, [n.instance_id for n in nodes])}
+    rows = []
+    for n in nodes:
+        d = described.get(n.instance_id, {})
+        state = d.get("State", {}).get("Name", "gone")
+        launched = d.get("LaunchTime") or datetime.fromisoformat(n.launch_time)
+        hours = (now - launched).total_seconds() / 3600
+        price = cost.hourly_price(n.instance_type, n.market, ws.settings.AWS_REGION).usd_per_hour  # type: ignore[arg-type]
+        so_far = cost.cost_so_far(price, launched, now, 1) if price is not None and state == "running" else None
+        left = float(saved.get("max_hours", 0)) - hours
+        rows.append(
+            {
+                "node": n.alias,
+                "id": n.instance_id,
+                "state": state,
+                "type": n.instance_type,
+                "market": n.market,
+                "address": f"{n.host}:{n.port}",
+                "private": n.private_ip,
+                "uptime": f"{hours * 60:.0f} min" if hours < 2 else f"{hours:.1f} h",
+                "cost so far": cost.format_usd(so_far) if so_far is not None else "-",
+                "deadline in": f"{max(left, 0):.1f} h" if state == "running" else "-",
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict[str, str]]) -> list[str]:
+    if not rows:
+        return []
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    return ["  ".join(c.ljust(widths[c]) for c in cols).rstrip()] + [
+        "  ".join(r[c].ljust(widths[c]) for c in cols).rstrip() for r in rows
+    ]
+
+
+def pick_node(ws: Workspace, index: int) -> Node:
+    nodes = require_nodes(ws)
+    if not 0 <= index < len(nodes):
+        raise UserError(f"--node {index} does not exist: stage {ws.stage} has nodes 0..{len(nodes) - 1}")
+    return nodes[index]
+
+
+def stop(ws: Workspace) -> list[str]:
+    nodes = require_nodes(ws)
+    ws.client("ec2").stop_instances(InstanceIds=[n.instance_id for n in nodes])
+    for n in nodes:
+        run(ssh_close_argv(ws.paths.ssh_config, n.alias), capture=True, check=False)
+    ws.forget_unreached(set())
+    saved = load_node_vars(ws) or {}
+    return [f"stopped {len(nodes)} node(s); compute billing stops", cost.stopped_cost_note(float(saved.get("disk_gb", 50)), len(nodes))]
+
+
+def start(ws: Workspace) -> list[Node]:
+    nodes = require_nodes(ws)
+    ec2 = ws.client("ec2")
+    ec2.start_instances(InstanceIds=[n.instance_id for n in nodes])
+    ec2.get_waiter("instance_running").wait(InstanceIds=[n.instance_id for n in nodes], WaiterConfig={"Delay": 2, "MaxAttempts": 150})
+    described = {i["InstanceId"]: i for i in _describe(ws, [n.instance_id for n in nodes])}
+    pub = public_key(ws.paths.generated, ws.stage)
+    saved = load_node_vars(ws) or {}
+    fresh = []
+    for n in nodes:
+        ip = described.get(n.instance_id, {}).get("PublicIpAddress", "")  # a started node gets a new address
+        reach = ws.reach_node(n.instance_id, ip, n.user, pub, saved)
+        fresh.append(replace(n, host=reach.host, port=reach.port))
+    write_inventory(ws, fresh)
+    wait_ready(ws, fresh)
+    return fresh
+
+
+# -- destroy / gc -----------------------------------------------------------------------
+def leftovers(ws: Workspace) -> list[str]:
+    """Everything tagged with this stage that still exists (terminated instances don't count)."""
+    ec2 = ws.client("ec2")
+    filters = [{"Name": "tag:project", "Values": ["remotefit"]}, {"Name": "tag:stage", "Values": [ws.stage]}]
+    found = []
+    for r in ec2.describe_instances(Filters=filters)["Reservations"]:
+        for i in r["Instances"]:
+            if i["State"]["Name"] not in ("terminated", "shutting-down"):
+                found.append(f"instance {i['InstanceId']} ({i['State']['Name']})")
+    for sg in ec2.describe_security_groups(Filters=filters)["SecurityGroups"]:
+        found.append(f"security group {sg['GroupId']}")
+    for kp in ec2.describe_key_pairs(Filters=filters).get("KeyPairs", []):
+        found.append(f"key pair {kp['KeyName']}")
+    return found
+
+
+def destroy(ws: Workspace) -> list[str]:
+    """terraform destroy (fine when a node already terminated itself), then verify nothing is left."""
+    lines = []
+    nodes = inventory(ws)
+    spent = _spent(ws, nodes)
+    tf = steps.terraform(ws)
+    steps.render(ws)
+    steps.require_backend(ws)
+    tf.init(ws.paths.backend_file)
+    listed = run([tf.binary, "state", "list"], cwd=tf.workdir, env=tf.env, capture=True, check=False).stdout.split()
+    state = [r for r in listed if not r.startswith("data.")]
+    if not state:
+        lines.append(f"nothing to destroy: stage {ws.stage} has no resources in its state")
+    else:
+        if refresh_tfvars(ws) is None:
+            raise UserError(f"{_vars_file(ws)} is missing, so Terraform lacks the node variables; run `inv tfvars` then `inv destroy`")
+        for n in nodes:
+            run(ssh_close_argv(ws.paths.ssh_config, n.alias), capture=True, check=False)
+        tf.destroy(ws.paths.tfvars(ws.settings))
+        lines.append(f"destroyed {len(state)} resource(s) of stage {ws.stage}")
+    ws.forget_unreached(set())
+    for f in (_inventory_file(ws), ws.paths.ssh_config):
+        f.unlink(missing_ok=True)
+    left = leftovers(ws)
+    if left:
+        raise UserError(f"after destroy these are still tagged stage={ws.stage}: {', '.join(left)}; run `inv gc --yes`")
+    lines.append(f"verified: nothing tagged stage={ws.stage} is left in {ws.settings.AWS_REGION}")
+    if spent is not None:
+        lines.append(f"this stage's nodes cost about {cost.format_usd(spent)} in total")
+    return lines
+
+
+def _spent(ws: Workspace, nodes: list[Node]) -> float | None:
+    if not nodes:
+        return None
+    now = datetime.now(UTC)
+    total = 0.0
+    for n in nodes:
+        price = cost.hourly_price(n.instance_type, n.market, ws.settings.AWS_REGION).usd_per_hour  # type: ignore[arg-type]
+        if price is None:
+            return None
+        total += cost.cost_so_far(price, datetime.fromisoformat(n.launch_time), now, 1)
+    return total
+
+
+def known_instance_ids(ws: Workspace) -> set[str]:
+    """Instance ids that some remotefit state file in the bucket knows about (every stage)."""
+    s3 = ws.client("s3")
+    ids: set[str] = set()
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=ws.settings.TF_STATE_BUCKET, Prefix="remotefit/")
+    for page in pages:
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith(".tfstate"):
+                continue
+            state = json.loads(s3.get_object(Bucket=ws.settings.TF_STATE_BUCKET, Key=obj["Key"])["Body"].read())
+            for res in state.get("resources", []):
+                if res.get("type") == "aws_instance":
+                    ids |= {inst["attributes"]["id"] for inst in res.get("instances", [])}
+    return ids
+
+
+def gc(ws: Workspace, yes: bool = False) -> list[str]:
+    """List (and with yes, terminate) remotefit-tagged instances that no state knows about."""
+    known = known_instance_ids(ws)
+    regions = [r["RegionName"] for r in ws.client("ec2").describe_regions()["Regions"]]
+    lines = []
+    for region in regions:
+        ec2 = ws.client("ec2", region=region)
+        orphans = [
+            i
+            for r in ec2.describe_instances(Filters=[{"Name": "tag:project", "Values": ["remotefit"]}])["Reservations"]
+            for i in r["Instances"]
+            if i["State"]["Name"] not in ("terminated", "shutting-down") and i["InstanceId"] not in known
+        ]
+        for i in orphans:
+            tags = {t["Key"]: t["Value"] for t in i.get("Tags", [])}
+            lines.append(f"{region}: orphan {i['InstanceId']} ({i['InstanceType']}, stage {tags.get('stage', '?')}, launched {i['LaunchTime']:%Y-%m-%d %H:%M})")
+        if orphans and yes:
+            ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in orphans])
+            lines.append(f"{region}: terminated {len(orphans)} orphan(s)")
+    if not lines:
+        lines.append("no orphans: every remotefit-tagged instance belongs to a known state")
+    elif not yes:
+        lines.append("run `inv gc --yes` to terminate them")
+    return lines
+
+
+def ssh_interactive(ws: Workspace, index: int) -> int:
+    n = pick_node(ws, index)
+    import subprocess
+
+    return subprocess.call(ssh_argv(ws.paths.ssh_config, n.alias, tty=True))  # noqa: S603
+
+
+def remote_check(ws: Workspace, n: Node, command: list[str]) -> str:
+    return run(ssh_argv(ws.paths.ssh_config, n.alias, remote(command)), capture=True).stdout

@@ -1,0 +1,161 @@
+"""Running Terraform: argv builders (pure) and the few wrappers that run them through proc.
+
+Terraform always runs in generated/terraform with the S3 backend; on the sandbox the backend and
+provider point at the moto server through generated/backend.hcl and the tfvars.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from remotefit.errors import UserError
+from remotefit.proc import echo, run, run_tee
+
+MIN_VERSION = (1, 11, 0)
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    m = re.search(r"v?(\d+)\.(\d+)\.(\d+)", text)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def version_argv(binary: str) -> list[str]:
+    return [binary, "version", "-json"]
+
+
+def init_argv(binary: str, backend_file: Path | None) -> list[str]:
+    argv = [binary, "init", "-input=false", "-no-color"]
+    # -reconfigure: the sandbox endpoint changes between runs; we never migrate state between backends.
+    return argv + (["-reconfigure", f"-backend-config={backend_file}"] if backend_file else ["-backend=false"])
+
+
+def plan_argv(binary: str, tfvars: Path, detailed: bool = False, destroy: bool = False) -> list[str]:
+    argv = [binary, "plan", "-input=false", "-no-color", "-lock-timeout=0s", f"-var-file={tfvars}"]
+    return argv + (["-detailed-exitcode"] if detailed else []) + (["-destroy"] if destroy else [])
+
+
+def apply_argv(binary: str, tfvars: Path) -> list[str]:
+    return [binary, "apply", "-input=false", "-no-color", "-auto-approve", "-lock-timeout=0s", f"-var-file={tfvars}"]
+
+
+def destroy_argv(binary: str, tfvars: Path) -> list[str]:
+    return [binary, "destroy", "-input=false", "-no-color", "-auto-approve", "-lock-timeout=0s", f"-var-file={tfvars}"]
+
+
+def output_argv(binary: str) -> list[str]:
+    return [binary, "output", "-json", "-no-color"]
+
+
+def fmt_check_argv(binary: str) -> list[str]:
+    return [binary, "fmt", "-check", "-diff", "-no-color"]
+
+
+def validate_argv(binary: str) -> list[str]:
+    return [binary, "validate", "-no-color"]
+
+
+class Terraform:
+    """A Terraform binary bound to a working directory and an environment."""
+
+    def __init__(self, binary: str, workdir: Path, env: dict[str, str]) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.env = {"TF_IN_AUTOMATION": "1", "TF_INPUT": "0", "CHECKPOINT_DISABLE": "1", **env}
+
+    def version(self) -> tuple[int, int, int]:
+        if not shutil.which(self.binary):
+            raise UserError(
+                f"{self.binary} not found on PATH; install Terraform >= 1.11 "
+                "(https://developer.hashicorp.com/terraform/install) and run `inv check`"
+            )
+        out = run(version_argv(self.binary), capture=True, env=self.env).stdout
+        try:
+            text = json.loads(out)["terraform_version"]
+        except (ValueError, KeyError):
+            text = out
+        ver = parse_version(text)
+        if ver is None or ver < MIN_VERSION:
+            raise UserError(
+                f"{self.binary} {text.strip()} is older than 1.11 (needed for S3 state locking with "
+                "use_lockfile); upgrade Terraform, or set terraform_binary in invoke.yaml"
+            )
+        return ver
+
+    def _run(self, argv: list[str], what: str, quiet: bool = False) -> str:
+        code, out = run_tee(argv, cwd=self.workdir, env=self.env, quiet=quiet)
+        if code != 0:
+            raise UserError(f"terraform {what} failed: {summarize_error(out)}", code=code)
+        return out
+
+    def init(self, backend_file: Path | None, quiet: bool = True) -> None:
+        self._run(init_argv(self.binary, backend_file), "init", quiet=quiet)
+
+    def plan(self, tfvars: Path, detailed: bool = False, quiet: bool = False, destroy: bool = False) -> int:
+        """Return 0 (no changes) or 2 (changes) with -detailed-exitcode; raise on errors."""
+        argv = plan_argv(self.binary, tfvars, detailed=detailed, destroy=destroy)
+        code, out = run_tee(argv, cwd=self.workdir, env=self.env, quiet=quiet)
+        if code == 2 and detailed:
+            return 2
+        if code != 0:
+            raise UserError(f"terraform plan failed: {summarize_error(out)}", code=code)
+        return 0
+
+    def apply(self, tfvars: Path, quiet: bool = False) -> str:
+        return self._run(apply_argv(self.binary, tfvars), "apply", quiet=quiet)
+
+    def destroy(self, tfvars: Path, quiet: bool = False) -> str:
+        return self._run(destroy_argv(self.binary, tfvars), "destroy", quiet=quiet)
+
+    def output(self) -> dict[str, Any]:
+        res = run(output_argv(self.binary), cwd=self.workdir, env=self.env, capture=True, check=False)
+        if res.returncode != 0:
+            raise UserError(f"terraform output failed: {summarize_error(res.stderr + res.stdout)}")
+        return {k: v.get("value") for k, v in json.loads(res.stdout or "{}").items()}
+
+    def fmt_check(self) -> None:
+        res = run(fmt_check_argv(self.binary), cwd=self.workdir, env=self.env, capture=True, check=False)
+        if res.returncode != 0:
+            files = ", ".join(res.stdout.split("\n")[:1]) or "?"
+            raise UserError(f"terraform fmt -check: {files} is not formatted; run `terraform fmt` on the template output and fix the template")
+
+    def validate(self) -> None:
+        res = run(validate_argv(self.binary), cwd=self.workdir, env=self.env, capture=True, check=False)
+        if res.returncode != 0:
+            raise UserError(f"terraform validate: {summarize_error(res.stdout + res.stderr)}")
+
+
+_LOCK_ID = re.compile(r"ID:\s+(\S+)")
+_LOCK_WHO = re.compile(r"Who:\s+(.+)")
+_LOCK_WHEN = re.compile(r"Created:\s+(.+)")
+
+
+def summarize_error(output: str) -> str:
+    """Turn Terraform's boxed error output into one line a user can act on."""
+    if "Error acquiring the state lock" in output:
+        lock_id = _LOCK_ID.search(output)
+        who = _LOCK_WHO.search(output)
+        when = _LOCK_WHEN.search(output)
+        return (
+            f"the state is locked by another run (lock {lock_id[1] if lock_id else '?'}, held by "
+            f"{who[1].strip() if who else '?'} since {when[1].strip() if when else '?'}); wait for it to finish, "
+            f"or if it died run `terraform -chdir=generated/terraform force-unlock {lock_id[1] if lock_id else 'ID'}`"
+        )
+    errors = re.findall(r"Error: (.+)", output)
+    if errors:
+        first = errors[0].strip()
+        detail = ""
+        m = re.search(r"Error: .+\n(?:.*\n)*?\s*(?:on (\S+) line (\d+))", output)
+        if m:
+            detail = f" ({m[1]}:{m[2]})"
+        return first + detail
+    tail = [ln for ln in output.strip().splitlines() if ln.strip()]
+    return tail[-1] if tail else "no output"
+
+
+def echo_lines(lines: list[str]) -> None:
+    for line in lines:
+        echo(line)

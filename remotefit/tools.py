@@ -1,0 +1,92 @@
+"""`inv check`: the seed's check_cli_tools.sh — which tools are here, at what version, and how to get them."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from remotefit.terraform import MIN_VERSION, parse_version
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    argv: tuple[str, ...]  # prints the version
+    minimum: tuple[int, ...] | None
+    required: bool
+    install: str
+
+
+def tool_table(terraform_binary: str = "terraform") -> list[Tool]:
+    tf_install = (
+        "https://developer.hashicorp.com/terraform/install"
+        if terraform_binary.endswith("terraform")
+        else "https://opentofu.org/docs/intro/install/"
+    )
+    return [
+        Tool(terraform_binary, (terraform_binary, "version"), MIN_VERSION, True, tf_install),
+        Tool("ssh", ("ssh", "-V"), (8, 0), True, "apt-get install openssh-client / brew install openssh"),
+        Tool("rsync", ("rsync", "--version"), (3, 1), True, "apt-get install rsync / brew install rsync"),
+        Tool("python3", (sys.executable, "--version"), (3, 11), True, "https://www.python.org/downloads/"),
+        Tool("sshd", ("/usr/sbin/sshd", "-V"), None, False, "apt-get install openssh-server (sandbox nodes only)"),
+        Tool("tflint", ("tflint", "--version"), None, False, "https://github.com/terraform-linters/tflint#installation"),
+        Tool("checkov", ("checkov", "--version"), None, False, "scripts/bootstrap installs it into .venv-checkov"),
+        Tool("aws", ("aws", "--version"), None, False, "https://docs.aws.amazon.com/cli/latest/userguide/"),
+    ]
+
+
+@dataclass
+class ToolStatus:
+    tool: Tool
+    version: str | None
+    ok: bool
+    note: str
+
+
+def find_binary(name: str) -> str | None:
+    if name == "checkov":
+        from pathlib import Path
+
+        local = Path(sys.prefix).parent / ".venv-checkov" / "bin" / "checkov"
+        if local.exists():
+            return str(local)
+    return shutil.which(name)
+
+
+def probe(tool: Tool) -> ToolStatus:
+    """Run the tool's version command; missing or too old is reported, never raised."""
+    binary = tool.argv[0] if tool.argv[0].startswith("/") else find_binary(tool.argv[0])
+    if not binary or not shutil.which(binary):
+        return ToolStatus(tool, None, not tool.required, "missing")
+    try:
+        res = subprocess.run(  # noqa: S603
+            [binary, *tool.argv[1:]], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return ToolStatus(tool, None, not tool.required, f"could not run: {exc}")
+    text = (res.stdout + res.stderr).strip()
+    openssh = re.search(r"OpenSSH_(\d+)\.(\d+)", text)  # its banner also names OpenSSL's version
+    ver = (int(openssh[1]), int(openssh[2])) if openssh else (parse_version(text) or _loose_version(text))
+    shown = ".".join(map(str, ver)) if ver else (text.splitlines()[0][:40] if text else "?")
+    if tool.minimum and ver and ver[: len(tool.minimum)] < tool.minimum:
+        return ToolStatus(tool, shown, not tool.required, "too old")
+    return ToolStatus(tool, shown, True, "ok")
+
+
+def _loose_version(text: str) -> tuple[int, ...] | None:
+    m = re.search(r"(\d+)\.(\d+)(?:p(\d+))?", text)  # OpenSSH prints e.g. OpenSSH_9.2p1
+    return tuple(int(g) for g in m.groups() if g is not None) if m else None
+
+
+def table_lines(statuses: list[ToolStatus]) -> list[str]:
+    rows = [("tool", "needed", "found", "minimum", "status", "how to install")]
+    for s in statuses:
+        minimum = ".".join(map(str, s.tool.minimum)) if s.tool.minimum else "-"
+        needed = "required" if s.tool.required else "optional"
+        status = s.note if s.note != "ok" else "ok"
+        rows.append((s.tool.name, needed, s.version or "-", minimum, status, "" if s.note == "ok" else s.tool.install))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]

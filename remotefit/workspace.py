@@ -1,0 +1,194 @@
+"""A Workspace ties the validated settings, the tool defaults and the paths to the cloud they target.
+
+This is the one place that knows about TARGET: on the sandbox it starts the moto server on demand and
+hands its endpoint and test credentials to boto3, the AWS CLI and Terraform. Nothing else branches on
+the target.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from remotefit.config import Defaults, Paths, Settings, load_defaults, load_settings
+from remotefit.errors import UserError
+from remotefit.sandbox import SANDBOX_REGION_CREDENTIALS, Sandbox
+
+if TYPE_CHECKING:
+    from remotefit.ami import AmiResolver
+
+LOOPBACK_CIDR = "127.0.0.1/32"
+# What the moto server does not implement (each is skipped on the sandbox, and only there).
+SANDBOX_GAPS = frozenset({"placement_groups", "tls_bucket_policy"})
+
+
+@dataclass(frozen=True)
+class Reach:
+    host: str
+    port: int
+    user: str
+    workdir: str
+    private_host: str | None = None
+    python: str | None = None
+
+
+class Workspace:
+    """Settings + defaults + paths, and lazily the endpoint and AWS clients that follow from them."""
+
+    def __init__(
+        self,
+        root: Path | str | None = None,
+        defaults: dict[str, Any] | Defaults | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.paths = Paths.at(root)
+        self.settings = settings or load_settings(self.paths.root)
+        self.defaults = defaults if isinstance(defaults, Defaults) else load_defaults(defaults)
+
+    @property
+    def stage(self) -> str:
+        return self.settings.STAGE
+
+    @cached_property
+    def sandbox(self) -> Sandbox:
+        return Sandbox(self.paths.sandbox_dir)
+
+    @cached_property
+    def endpoint(self) -> str | None:
+        """The API endpoint every client uses: the sandbox's moto server, or None for real AWS."""
+        return self.sandbox.up().endpoint if self.settings.is_sandbox else None
+
+    def aws_env(self) -> dict[str, str]:
+        """Environment for child processes (terraform, aws CLI) so they reach the same cloud we do."""
+        env = {"AWS_REGION": self.settings.AWS_REGION, "AWS_DEFAULT_REGION": self.settings.AWS_REGION}
+        if self.settings.AWS_PROFILE:
+            env["AWS_PROFILE"] = self.settings.AWS_PROFILE
+        if self.endpoint:
+            env |= {"AWS_ENDPOINT_URL": self.endpoint, **SANDBOX_REGION_CREDENTIALS}
+        return env
+
+    @cached_property
+    def _session(self) -> Any:
+        import boto3
+
+        kwargs: dict[str, Any] = {"region_name": self.settings.AWS_REGION}
+        if self.endpoint:
+            kwargs |= {
+                "aws_access_key_id": SANDBOX_REGION_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                "aws_secret_access_key": SANDBOX_REGION_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            }
+        elif self.settings.AWS_PROFILE:
+            kwargs["profile_name"] = self.settings.AWS_PROFILE
+        try:
+            return boto3.Session(**kwargs)
+        except Exception as exc:  # botocore's ProfileNotFound and friends
+            raise UserError(f"aws_env_vars: AWS_PROFILE: {exc}; fix the profile name or run `aws configure`") from None
+
+    def client(self, service: str, region: str | None = None) -> Any:
+        """A boto3 client for `service`, pointed at the sandbox when that is the target."""
+        from botocore.config import Config
+
+        cfg = Config(
+            retries={"mode": "standard", "max_attempts": 4},
+            connect_timeout=5,
+            read_timeout=60,
+            s3={"addressing_style": "path"} if self.endpoint else {},
+        )
+        return self._session.client(
+            service, region_name=region or self.settings.AWS_REGION, endpoint_url=self.endpoint, config=cfg
+        )
+
+    def caller_identity(self) -> dict[str, str]:
+        """STS GetCallerIdentity, with missing or expired credentials turned into one clear line."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            ident = self.client("sts").get_caller_identity()
+        except NoCredentialsError:
+            raise UserError(
+                "no AWS credentials found: set AWS_PROFILE in aws_env_vars, or run `aws configure` "
+                "(or `aws sso login`), then `inv check`"
+            ) from None
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("ExpiredToken", "ExpiredTokenException", "RequestExpired"):
+                raise UserError("your AWS credentials have expired: refresh them (`aws sso login`)") from None
+            raise UserError(f"AWS rejected the credentials ({code}): check AWS_PROFILE in aws_env_vars") from None
+        except BotoCoreError as exc:
+            raise UserError(f"cannot reach AWS STS: {exc}") from None
+        return {k: ident[k] for k in ("Account", "Arn", "UserId")}
+
+    def tags(self) -> dict[str, str]:
+        """Tags on everything we create: how `destroy` verifies and `gc` finds what is ours."""
+        return {
+            "project": "remotefit",
+            "stage": self.stage,
+            "account-name": self.settings.AWS_ACCOUNT,
+            "managed-by": "remotefit",
+        }
+
+    def caller_cidr(self, override: str | None = None, i_know: bool = False) -> str:
+        """The only CIDR allowed to reach SSH: --allow-cidr, or this machine's public address."""
+        if override:
+            return check_cidr(override, i_know)
+        if self.endpoint:
+            return LOOPBACK_CIDR  # sandbox nodes listen on loopback
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.defaults.caller_ip_url, timeout=5) as r:  # noqa: S310
+                ip = r.read().decode().strip()
+            return f"{ipaddress.ip_address(ip)}/32"
+        except (OSError, ValueError):
+            raise UserError(
+                f"could not find this machine's public IP from {self.defaults.caller_ip_url}; "
+                "pass --allow-cidr YOUR.IP.ADDR.ESS/32"
+            ) from None
+
+    def supports(self, feature: str) -> bool:
+        """Features the moto server lacks, so the sandbox skips them and says so (see sandbox.py)."""
+        return not (self.endpoint and feature in SANDBOX_GAPS)
+
+    def reach_node(self, instance_id: str, public_ip: str, ssh_user: str, public_key: str, node_vars: dict[str, Any]) -> Reach:
+        """How to reach an instance over SSH: its public IP on AWS, a loopback sshd on the sandbox."""
+        if not self.endpoint:
+            return Reach(public_ip, 22, ssh_user, f"/home/{ssh_user}/remotefit")
+        node = self.sandbox.start_node(
+            instance_id,
+            public_key,
+            endpoint=self.endpoint,
+            region=self.settings.AWS_REGION,
+            max_hours=float(node_vars.get("max_hours", self.defaults.max_hours)),
+            idle_minutes=int(node_vars.get("idle_minutes", self.defaults.idle_minutes)),
+        )
+        return Reach("127.0.0.1", node.port, node.user, node.workdir, private_host="127.0.0.1", python=sys.executable)
+
+    def forget_unreached(self, keep: set[str]) -> None:
+        """Stop sandbox sshd nodes whose instance is no longer ours (scaled down or destroyed)."""
+        if self.settings.is_sandbox:
+            for node in self.sandbox.nodes():
+                if node.instance_id not in keep:
+                    self.sandbox.stop_node(node)
+
+    def ami_resolver(self) -> AmiResolver:
+        from remotefit.ami import ImageListResolver, SsmAmiResolver
+
+        return ImageListResolver(self.client("ec2")) if self.endpoint else SsmAmiResolver(self.client("ssm"))
+
+
+def check_cidr(value: str, i_know: bool = False) -> str:
+    """Validate --allow-cidr: a real network, never the whole internet unless explicitly consented."""
+    try:
+        net = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise UserError(f"--allow-cidr {value!r} is not a CIDR block; use e.g. 203.0.113.7/32") from None
+    if net.prefixlen == 0 and not i_know:
+        raise UserError(
+            f"--allow-cidr {value} would open SSH to the whole internet; use your own /32, "
+            "or add --i-know-this-opens-ssh-to-the-world if you really mean it"
+        )
+    return str(net)

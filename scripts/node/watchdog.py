@@ -1,0 +1,433 @@
+#!/usr/bin/env python3
+"""remotefit node watchdog: make sure the node stops costing money, whatever the laptop does.
+
+Run every minute by ``remotefit-watchdog.timer`` (as root, Type=oneshot):
+
+    /usr/bin/python3 /opt/remotefit/watchdog.py --config /etc/remotefit/watchdog.json
+
+or with ``--loop SECONDS`` where there is no systemd. Single file, standard
+library only, Python 3.8+.
+
+Config (JSON, written at boot by user_data; every key can also be given as a
+flag, and flags win)::
+
+    {"deadline_epoch": 1700000000, "idle_minutes": 30,
+     "base": "/home/ubuntu/remotefit", "imds": "http://169.254.169.254",
+     "state": "/var/lib/remotefit/watchdog-state.json",
+     "shutdown_cmd": ["shutdown", "-h", "now"]}
+
+Each tick:
+
+* Spot interruption: asks IMDSv2 for ``spot/instance-action``; when a notice is
+  there, SIGTERMs the active run's process group once (remembered in the state
+  file), so the job can checkpoint in its two minutes.
+* Hard deadline: ``now >= deadline_epoch`` shuts the node down. The instance is
+  launched with instance_initiated_shutdown_behavior=terminate, so shutting
+  down terminates it. user_data ALSO runs ``shutdown -h +<minutes>`` at boot: a
+  second, independent guard that needs neither this script nor its timer.
+* Idle: the node is busy while ``<base>/active.json`` (written by runner.py)
+  names a live process, or while anyone is logged in over ssh (per-session
+  ``sshd: user@tty`` processes). Idle for ``idle_minutes`` since
+  max(boot or first tick, last busy) shuts the node down.
+
+One line per tick goes to stdout (the journal) saying what was decided and
+why. A tick never crashes on a bad config, an unwritable state file or an
+unreachable IMDS: the deadline and idle checks must still happen. Exit 0.
+
+For tests: ``--now EPOCH`` or $REMOTEFIT_FAKE_NOW fake the clock, ``--proc``
+points at a fake /proc, ``--shutdown-cmd`` replaces the shutdown command and
+``--dry-run`` decides without acting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+DEFAULTS = {
+    "deadline_epoch": None,
+    "idle_minutes": 30.0,
+    "base": "/home/ubuntu/remotefit",
+    "imds": "http://169.254.169.254",
+    "state": "/var/lib/remotefit/watchdog-state.json",
+    "shutdown_cmd": ["shutdown", "-h", "now"],
+    "started_epoch": None,
+}
+DEFAULT_CONFIG = "/etc/remotefit/watchdog.json"
+SSH_SESSION_PREFIXES = ("sshd: ", "sshd-session: ")  # OpenSSH >= 9.8 renamed the per-session binary
+
+
+def log(msg: str) -> None:
+    print("watchdog: " + msg, flush=True)
+
+
+def warn(msg: str) -> None:
+    print("watchdog: warning: " + msg, file=sys.stderr, flush=True)
+
+
+def iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def minutes(seconds: float) -> str:
+    m = seconds / 60.0
+    return f"{m:.1f}min" if abs(m) < 120 else f"{m / 60.0:.1f}h"
+
+
+# --------------------------------------------------------------------------- config / state
+
+
+def load_config(path: str | None, explicit: bool) -> dict:
+    """Config file merged over defaults; problems are warnings, never fatal."""
+    cfg = dict(DEFAULTS)
+    if not path:
+        return cfg
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        if explicit:
+            warn(f"config {path} not found; using defaults and flags")
+        return cfg
+    except (OSError, ValueError) as exc:
+        # A broken config must not disable the guard: fall back to defaults.
+        warn(f"cannot read config {path} ({exc}); using defaults and flags")
+        return cfg
+    cfg.update({k: v for k, v in data.items() if k in DEFAULTS})
+    return cfg
+
+
+def parse_shutdown_cmd(value: object) -> list[str]:
+    if isinstance(value, list) and value and all(isinstance(x, str) for x in value):
+        return value
+    if isinstance(value, str) and value.strip():
+        # A flag may carry a JSON list or a plain shell-style string.
+        if value.lstrip().startswith("["):
+            with contextlib.suppress(ValueError):
+                return parse_shutdown_cmd(json.loads(value))
+        return shlex.split(value)
+    warn(f"invalid shutdown_cmd {value!r}; using {DEFAULTS['shutdown_cmd']}")
+    return list(DEFAULTS["shutdown_cmd"])
+
+
+def as_float(value: object, name: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        warn(f"invalid {name} {value!r}; ignored")
+        return None
+
+
+def load_state(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_state(path: str, state: dict) -> None:
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:
+        warn(f"cannot write state {path} ({exc})")
+
+
+# --------------------------------------------------------------------------- observations
+
+
+def read_first_line(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().strip() or None
+    except OSError:
+        return None
+
+
+def boot_time(proc: str, now: float) -> float | None:
+    up = read_first_line(os.path.join(proc, "uptime"))
+    try:
+        return now - float(up.split()[0]) if up else None
+    except (ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: object, proc: str) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    # A zombie still answers kill(0); /proc tells them apart when it is there.
+    stat = read_first_line(os.path.join(proc, str(pid), "stat"))
+    if stat and ")" in stat:
+        return stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X")
+    return True
+
+
+def active_run(base: str, proc: str) -> dict | None:
+    """The run named by base/active.json if its process is alive."""
+    try:
+        with open(os.path.join(base, "active.json"), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and pid_alive(data.get("pid"), proc):
+        return data
+    return None
+
+
+def ssh_sessions(proc: str) -> list[str]:
+    """Titles of per-session sshd processes ("sshd: ubuntu@pts/0"), not the listener."""
+    found = []
+    try:
+        names = os.listdir(proc)
+    except OSError as exc:
+        warn(f"cannot list {proc} ({exc})")
+        return found
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc, name, "cmdline"), "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue  # process exited meanwhile
+        title = raw.replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        if title.startswith(SSH_SESSION_PREFIXES) and "@" in title:
+            found.append(title)
+    return sorted(found)
+
+
+def spot_notice(imds: str, timeout: float) -> tuple[str, dict | None]:
+    """('none'|'notice'|'error: ...', notice) from IMDSv2 spot/instance-action."""
+    # No proxies: an http_proxy in the environment must not swallow IMDS calls.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    base = imds.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        return f"error: imds must be an http(s) URL, got {imds!r}", None
+    try:
+        # The scheme is checked above: only http(s) reaches urlopen.
+        req = urllib.request.Request(  # noqa: S310
+            base + "/latest/api/token", method="PUT",
+            headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
+        )
+        with opener.open(req, timeout=timeout) as resp:
+            token = resp.read().decode().strip()
+        req = urllib.request.Request(  # noqa: S310
+            base + "/latest/meta-data/spot/instance-action",
+            headers={"X-aws-ec2-metadata-token": token},
+        )
+        with opener.open(req, timeout=timeout) as resp:
+            body = resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return "none", None
+        return f"error: IMDS HTTP {exc.code}", None
+    except (OSError, ValueError) as exc:  # URLError, timeouts, resets
+        reason = getattr(exc, "reason", exc)
+        return f"error: IMDS unreachable ({reason})", None
+    try:
+        notice = json.loads(body)
+    except ValueError:
+        return f"error: IMDS returned non-JSON instance-action {body[:80]!r}", None
+    return "notice", notice if isinstance(notice, dict) else {"raw": notice}
+
+
+def run_shutdown(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"shutdown command failed: {exc}"
+    if out.returncode != 0:
+        return f"shutdown command exited {out.returncode}: {out.stdout.strip()[:200]}"
+    return "shutdown command ran"
+
+
+# --------------------------------------------------------------------------- tick
+
+
+def tick(opts: argparse.Namespace, now: float) -> str:
+    """One decision; returns the action ('keep' or 'shutdown')."""
+    state = load_state(opts.state)
+    boot_id = read_first_line(os.path.join(opts.proc, "sys", "kernel", "random", "boot_id"))
+    if boot_id and state.get("boot_id") not in (None, boot_id):
+        state = {}  # a new boot: last boot's idle clock and spot flags are meaningless
+    if boot_id:
+        state["boot_id"] = boot_id
+    if "first_tick" not in state:
+        # Idle counts from boot when known (ticks start a minute after it); a sandbox node, which
+        # shares the host's kernel, says when it started instead.
+        boot = float(opts.started_epoch) if opts.started_epoch else boot_time(opts.proc, now)
+        state["first_tick"] = boot if boot is not None and boot <= now else now
+    parts = []
+
+    # Spot interruption first: it is the most time-critical.
+    run = active_run(opts.base, opts.proc)
+    try:
+        spot, notice = spot_notice(opts.imds, opts.imds_timeout)
+    except Exception as exc:  # whatever IMDS does, the deadline/idle checks below must run
+        spot, notice = f"error: {type(exc).__name__}: {exc}", None
+    if spot == "notice":
+        what = f"{notice.get('action')} at {notice.get('time')}"
+        run_id = run.get("run_id") if run else None
+        key = f"{run_id}:{run.get('pid')}" if run else None
+        if run is None:
+            parts.append(f"spot=notice({what}; no active run)")
+        elif state.get("spot_forwarded") == key:
+            parts.append(f"spot=notice({what}; SIGTERM already sent to run {run_id})")
+        else:
+            pgid = run.get("pgid") or run.get("pid")
+            if opts.dry_run:
+                parts.append(f"spot=notice({what}; would SIGTERM process group {pgid})")
+            else:
+                try:
+                    os.killpg(int(pgid), signal.SIGTERM)
+                    parts.append(f"spot=notice({what}; sent SIGTERM to run {run_id}, process group {pgid})")
+                except (OSError, TypeError, ValueError) as exc:
+                    parts.append(f"spot=notice({what}; SIGTERM to {pgid} failed: {exc})")
+                state["spot_forwarded"] = key
+                state["spot_forwarded_at"] = now
+    elif spot == "none":
+        parts.append("spot=none")
+    else:
+        parts.append("spot=" + spot)
+
+    # Busy = live run or a logged-in ssh user.
+    sessions = ssh_sessions(opts.proc)
+    busy = []
+    if run is not None:
+        busy.append(f"run {run.get('run_id')} (pid {run.get('pid')})")
+    if sessions:
+        busy.append(f"{len(sessions)} ssh session(s)")
+    if busy:
+        state["last_busy"] = now
+    idle_ref = max(state["first_tick"], state.get("last_busy") or state["first_tick"])
+    idle_for = max(0.0, now - idle_ref)
+
+    action, reason = "keep", None
+    if opts.deadline_epoch is not None and now >= opts.deadline_epoch:
+        action = "shutdown"
+        reason = f"deadline {iso(opts.deadline_epoch)} passed {minutes(now - opts.deadline_epoch)} ago"
+    elif not busy and opts.idle_minutes is not None and opts.idle_minutes > 0 \
+            and idle_for >= opts.idle_minutes * 60:
+        action = "shutdown"
+        reason = f"idle for {minutes(idle_for)} >= {opts.idle_minutes:g}min (no active run, no ssh session)"
+    elif busy:
+        reason = "busy: " + ", ".join(busy)
+    else:
+        limit = f"{opts.idle_minutes:g}min" if opts.idle_minutes else "(idle check off)"
+        reason = f"idle for {minutes(idle_for)} of {limit}"
+    if action == "keep" and opts.deadline_epoch is not None:
+        reason += f"; deadline in {minutes(opts.deadline_epoch - now)}"
+    elif opts.deadline_epoch is None:
+        reason += "; no deadline set"
+
+    state["last_tick"] = now
+    state["last_action"] = action
+    if action == "shutdown":
+        state.setdefault("shutdown_first_requested_at", now)
+    if not opts.dry_run:
+        save_state(opts.state, state)
+
+    result = ""
+    if action == "shutdown":
+        if opts.dry_run:
+            result = f" (dry run: not running {shlex.join(opts.shutdown_cmd)})"
+        else:
+            # Logged before acting: the shutdown may take this process with it.
+            log(f"{iso(now)} action=shutdown reason={reason} {' '.join(parts)}")
+            log(f"running {shlex.join(opts.shutdown_cmd)}: {run_shutdown(opts.shutdown_cmd)}")
+            return action
+    log(f"{iso(now)} action={action} reason={reason} {' '.join(parts)}{result}")
+    return action
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="watchdog", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help=f"JSON config (default {DEFAULT_CONFIG})")
+    p.add_argument("--deadline-epoch", help="unix time at which the node shuts down regardless")
+    p.add_argument("--idle-minutes", help="shut down after this many idle minutes (0: never)")
+    p.add_argument("--base", help="remotefit work directory holding active.json")
+    p.add_argument("--imds", help="instance metadata endpoint (default http://169.254.169.254)")
+    p.add_argument("--state", help="state file (last busy time, spot notice forwarded)")
+    p.add_argument("--shutdown-cmd", help='command as JSON list (\'["shutdown","-h","now"]\') or shell words')
+    p.add_argument("--started-epoch", help="when the node started (default: boot time from /proc/uptime)")
+    p.add_argument("--proc", default="/proc", help="proc root to scan for ssh sessions (tests)")
+    p.add_argument("--now", type=float, help="fake current unix time (tests; also $REMOTEFIT_FAKE_NOW)")
+    p.add_argument("--imds-timeout", type=float, default=2.0, help="seconds per IMDS request")
+    p.add_argument("--loop", type=float, metavar="SECONDS", help="tick forever every SECONDS (no systemd)")
+    p.add_argument("--max-ticks", type=int, default=0, help=argparse.SUPPRESS)  # bounds --loop in tests
+    p.add_argument("--dry-run", action="store_true", help="print the decision without acting")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Merge defaults < config file < flags into the options a tick uses."""
+    cfg = load_config(args.config or DEFAULT_CONFIG, explicit=args.config is not None)
+    for key in DEFAULTS:
+        flag = getattr(args, key, None)
+        if flag is not None:
+            cfg[key] = flag
+    opts = argparse.Namespace(**vars(args))
+    opts.deadline_epoch = as_float(cfg["deadline_epoch"], "deadline_epoch")
+    opts.idle_minutes = as_float(cfg["idle_minutes"], "idle_minutes")
+    opts.base = str(cfg["base"])
+    opts.imds = str(cfg["imds"])
+    opts.state = str(cfg["state"])
+    opts.shutdown_cmd = parse_shutdown_cmd(cfg["shutdown_cmd"])
+    opts.started_epoch = as_float(cfg.get("started_epoch"), "started_epoch")
+    return opts
+
+
+def clock(args: argparse.Namespace) -> float:
+    if args.now is not None:
+        return args.now
+    fake = os.environ.get("REMOTEFIT_FAKE_NOW")
+    if fake:
+        with contextlib.suppress(ValueError):
+            return float(fake)
+    return time.time()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ticks = 0
+    while True:
+        try:
+            tick(resolve(args), clock(args))
+        except Exception as exc:  # never let one bad tick kill the loop or fail the unit
+            print(f"watchdog: error: tick failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        ticks += 1
+        if args.loop is None or (args.max_ticks and ticks >= args.max_ticks):
+            return 0
+        time.sleep(max(1.0, args.loop) if not args.max_ticks else args.loop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

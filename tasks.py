@@ -1,0 +1,339 @@
+"""remotefit tasks: `inv --list` is the manual. Each task parses flags and calls the library."""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from invoke import Collection, Exit, task
+
+NODE_FLAGS_HELP = {
+    "gpu": "Use a GPU node (default type g5.xlarge, Deep Learning AMI with drivers and PyTorch).",
+    "cpu": "Use a CPU node (default type c7i.xlarge, Ubuntu LTS). The default when neither is given.",
+    "instance_type": "Override the instance type, e.g. g6.xlarge or c7i.2xlarge.",
+    "spot": "Use spot capacity (cheaper, may be interrupted; jobs checkpoint and resume).",
+    "nodes": "How many nodes (default 1; several nodes share a cluster placement group).",
+    "disk_gb": "Root disk size in GiB (default 150 for GPU, 50 for CPU).",
+    "max_hours": "Hard deadline: nodes terminate themselves this many hours after boot (default 8).",
+    "idle_minutes": "Nodes terminate themselves after this many idle minutes (default 30).",
+    "allow_cidr": "The only CIDR allowed to SSH in (default: this machine's public IP /32).",
+    "i_know": "Allow --allow-cidr 0.0.0.0/0 (SSH open to the whole internet). Not recommended.",
+}
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's UserError into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(c: Any, *args: Any, **kwargs: Any) -> Any:
+        from remotefit.errors import UserError
+
+        try:
+            return fn(c, *args, **kwargs)
+        except UserError as exc:
+            raise Exit(f"error: {exc.message}", code=exc.code) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted", code=130) from None
+
+    return wrapper
+
+
+def _ws(c: Any) -> Any:
+    from remotefit.workspace import Workspace
+
+    return Workspace(defaults=dict(c.config.get("remotefit", {}) or {}))
+
+
+def _spec(ws: Any, **flags: Any) -> Any:
+    from remotefit.nodes import resolve_spec
+
+    return resolve_spec(ws, **flags)
+
+
+def _say(lines: list[str]) -> None:
+    for line in lines:
+        print(line)
+
+
+# -- the seed README's steps ------------------------------------------------------------
+@task(help={"offline": "Skip the credentials check (STS GetCallerIdentity)."})
+@_guard
+def check(c, offline=False):
+    """Check the CLI tools (and credentials) remotefit needs."""
+    from remotefit import steps
+    from remotefit.config import load_defaults
+
+    defaults = load_defaults(dict(c.config.get("remotefit", {}) or {}))
+    ws = None if offline else _ws(c)
+    if not steps.check(ws, offline, defaults.terraform_binary):
+        raise Exit("error: required tools are missing or too old (see the table above)", code=1)
+
+
+@task
+@_guard
+def env(c):
+    """Print `export` lines for aws_env_vars: use as eval "$(inv env)"."""
+    from remotefit import steps
+
+    _say(steps.env_lines(_ws(c)))
+
+
+@task
+@_guard
+def tfvars(c):
+    """Write generated/<AWS_ACCOUNT>.tfvars (name, region, environment and the node variables)."""
+    from remotefit import nodes
+
+    print(f"wrote {nodes.write_tfvars(_ws(c))}")
+
+
+@task
+@_guard
+def backend(c):
+    """Create (or repair) the hardened S3 state bucket and write generated/backend.hcl."""
+    from remotefit import steps
+
+    _say(steps.backend(_ws(c)))
+
+
+@task
+@_guard
+def render(c):
+    """Render templates/ into generated/terraform/ (checked with python-hcl2)."""
+    from remotefit import steps
+
+    for path in steps.render(_ws(c)):
+        print(f"rendered {path}")
+
+
+@task
+@_guard
+def validate(c):
+    """Check the rendered Terraform: hcl2 parse, fmt, validate, tflint and checkov."""
+    from remotefit import steps
+
+    _say(steps.validate(_ws(c)))
+
+
+# -- nodes --------------------------------------------------------------------------------
+@task(help=NODE_FLAGS_HELP)
+@_guard
+def plan(c, gpu=False, cpu=False, instance_type=None, spot=False, nodes=1, disk_gb=None, max_hours=None,
+         idle_minutes=None, allow_cidr=None, i_know=False):
+    """Show what apply would create and what it would cost."""
+    from remotefit import nodes as nd
+
+    ws = _ws(c)
+    spec = _spec(ws, gpu=gpu, cpu=cpu, instance_type=instance_type, spot=spot, nodes=nodes, disk_gb=disk_gb,
+                 max_hours=max_hours, idle_minutes=idle_minutes, allow_cidr=allow_cidr, i_know=i_know)
+    nd.plan(ws, spec)
+
+
+@task(help={**NODE_FLAGS_HELP, "yes": "Do not ask for confirmation.", "refresh_ami": "Re-resolve the AMI (replaces nodes)."})
+@_guard
+def apply(c, gpu=False, cpu=False, instance_type=None, spot=False, nodes=1, disk_gb=None, max_hours=None,
+          idle_minutes=None, allow_cidr=None, i_know=False, yes=False, refresh_ami=False):
+    """Provision the nodes, wait until they answer over SSH, and write generated/ssh_config."""
+    from remotefit import nodes as nd
+
+    ws = _ws(c)
+    spec = _spec(ws, gpu=gpu, cpu=cpu, instance_type=instance_type, spot=spot, nodes=nodes, disk_gb=disk_gb,
+                 max_hours=max_hours, idle_minutes=idle_minutes, allow_cidr=allow_cidr, i_know=i_know)
+    if not yes:
+        _confirm(f"Create {spec.nodes} × {spec.instance_type} ({spec.market}) for stage {ws.stage}?")
+    _say(nd.table(nd.status_rows(ws)) if nd.apply(ws, spec, refresh_ami=refresh_ami) else [])
+    print(f"ssh: ssh -F {ws.paths.ssh_config} {nd.inventory(ws)[0].alias}")
+
+
+def _confirm(question: str) -> None:
+    if not sys.stdin.isatty():
+        raise Exit("error: not a terminal, so no confirmation possible: pass --yes", code=2)
+    if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+        raise Exit("cancelled", code=1)
+
+
+@task
+@_guard
+def status(c):
+    """Show the nodes: state, addresses, uptime, cost so far and time to the deadline."""
+    from remotefit import nodes as nd
+
+    ws = _ws(c)
+    rows = nd.status_rows(ws)
+    _say(nd.table(rows) if rows else [f"no nodes for stage {ws.stage} (run `inv apply`)"])
+
+
+@task(help={"node": "Which node (index, default 0)."})
+@_guard
+def ssh(c, node=0):
+    """Open an interactive shell on a node (same as ssh -F generated/ssh_config <alias>)."""
+    from remotefit import nodes as nd
+
+    raise Exit(code=nd.ssh_interactive(_ws(c), node))
+
+
+@task
+@_guard
+def stop(c):
+    """Stop the nodes but keep their disks (and say what that still costs)."""
+    from remotefit import nodes as nd
+
+    _say(nd.stop(_ws(c)))
+
+
+@task
+@_guard
+def start(c):
+    """Start stopped nodes again and refresh generated/ssh_config."""
+    from remotefit import nodes as nd
+
+    nd.start(_ws(c))
+
+
+@task(help={"yes": "Do not ask for confirmation."})
+@_guard
+def destroy(c, yes=False):
+    """Destroy every node of the stage and verify nothing tagged is left."""
+    from remotefit import nodes as nd
+
+    ws = _ws(c)
+    if not yes:
+        _confirm(f"Destroy every node of stage {ws.stage}?")
+    _say(nd.destroy(ws))
+
+
+@task(help={"yes": "Terminate the orphans found (default: only list them)."})
+@_guard
+def gc(c, yes=False):
+    """Find (and with --yes terminate) remotefit instances that no state knows about."""
+    from remotefit import nodes as nd
+
+    _say(nd.gc(_ws(c), yes=yes))
+
+
+# -- jobs ---------------------------------------------------------------------------------
+@task(help={"job": "The job folder, e.g. jobs/resnet.", "nodes": "Sync to the first N nodes (default all)."})
+@_guard
+def sync(c, job, nodes=0):
+    """Upload a job folder to the nodes (rsync, honouring .gitignore and .remotefitignore)."""
+    from remotefit import jobs
+
+    jobs.sync(_ws(c), jobs.load_job(job), nodes=nodes or None)
+
+
+@task(
+    help={
+        "job": "The job folder, e.g. jobs/resnet.",
+        "gpu": "Require a GPU node and check CUDA on it before starting.",
+        "cpu": "Run on CPU (the default unless job.toml says gpu = true).",
+        "cmd": "Command to run instead of job.toml's (e.g. \"python main.py --epochs 1\").",
+        "args": "Extra arguments for the job's command (or put them after --).",
+        "detach": "Start the run and return at once (reattach with `inv logs --follow`).",
+        "nodes": "Run on the first N nodes (default: all provisioned nodes).",
+        "local": "Run on this machine with the same contract, to try a job before paying.",
+        "cancel_on_interrupt": "Ctrl-C cancels the run instead of detaching from it.",
+    }
+)
+@_guard
+def fit(c, job, gpu=False, cpu=False, cmd=None, args="", detach=False, nodes=0, local=False, cancel_on_interrupt=False):
+    """Sync a job, run it on the nodes, stream its log and pull its outputs home."""
+    from remotefit import jobs
+
+    extra = shlex.split(args) + shlex.split(getattr(c, "remainder", "") or "")
+    ws = None if local else _ws(c)
+    code = jobs.fit(ws, jobs.load_job(job, cmd=cmd), extra, gpu=gpu, cpu=cpu, detach=detach, nodes=nodes or None,
+                    local=local, cancel_on_interrupt=cancel_on_interrupt)
+    if code:
+        raise Exit(code=code)
+
+
+@task(help={"run": "The run id (default: the latest).", "follow": "Keep streaming until the run ends."})
+@_guard
+def logs(c, run=None, follow=False):
+    """Print (or follow) a run's log, ending with its exit code."""
+    from remotefit import jobs
+
+    code = jobs.logs(_ws(c), run, follow=follow)
+    if code:
+        raise Exit(code=code)
+
+
+@task(help={"run": "The run id (default: the latest)."})
+@_guard
+def pull(c, run=None):
+    """Bring a run's outputs, log and run.json home into runs/<job>/<run-id>/."""
+    from remotefit import jobs
+
+    print(jobs.pull(_ws(c), run))
+
+
+@task
+@_guard
+def runs(c):
+    """List runs: the local history plus what is live on the nodes."""
+    from remotefit import jobs
+
+    _say(jobs.runs_table(_ws(c)))
+
+
+@task(help={"run": "The run id (default: the active run)."})
+@_guard
+def cancel(c, run=None):
+    """Stop a run on every node."""
+    from remotefit import jobs
+
+    _say(jobs.cancel(_ws(c), run))
+
+
+# -- demo ---------------------------------------------------------------------------------
+@task(help={"keep": "Leave the node and sandbox running at the end (destroy later with `inv destroy`)."})
+@_guard
+def demo(c, keep=False):
+    """Run the whole life cycle on the sandbox: up, apply, fit jobs/resnet, destroy, down."""
+    from remotefit import demo as dm
+
+    raise Exit(code=dm.run(dict(c.config.get("remotefit", {}) or {}), keep=keep))
+
+
+# -- sandbox ------------------------------------------------------------------------------
+@task(name="up")
+@_guard
+def sandbox_up(c):
+    """Start the sandbox moto server (harmless when it already runs)."""
+    from remotefit.config import Paths
+    from remotefit.sandbox import Sandbox
+
+    print(Sandbox(Paths.at().sandbox_dir).up().endpoint)
+
+
+@task(name="down")
+@_guard
+def sandbox_down(c):
+    """Stop the sandbox: the moto server and every sandbox node."""
+    from remotefit.config import Paths
+    from remotefit.sandbox import Sandbox
+
+    stopped = Sandbox(Paths.at().sandbox_dir).down()
+    _say([f"stopped {s}" for s in stopped] or ["the sandbox was not running"])
+
+
+@task(name="status")
+@_guard
+def sandbox_status(c):
+    """Show whether the sandbox moto server and nodes are running."""
+    from remotefit.config import Paths
+    from remotefit.sandbox import Sandbox
+
+    sb = Sandbox(Paths.at().sandbox_dir)
+    srv = sb.server()
+    print(f"moto server: {srv.endpoint} (pid {srv.pid})" if srv else "moto server: not running")
+    for n in sb.nodes():
+        print(f"node {n.instance_id}: ssh on 127.0.0.1:{n.port} (pid {n.pid}, {'up' if n.alive() else 'dead'})")
+
+
+sandbox = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status)
+ns = Collection(check, env, tfvars, backend, render, validate, plan, apply, status, ssh, stop, start, destroy, gc,
+                sync, fit, logs, pull, runs, cancel, demo, sandbox)
