@@ -121,27 +121,79 @@ def validate(c):
 # -- nodes --------------------------------------------------------------------------------
 @task(help=NODE_FLAGS_HELP)
 @_guard
-def plan(c, gpu=False, cpu=False, instance_type=None, spot=False, nodes=1, disk_gb=None, max_hours=None,
-         idle_minutes=None, allow_cidr=None, i_know=False):
+def plan(
+    c,
+    gpu=False,
+    cpu=False,
+    instance_type=None,
+    spot=False,
+    nodes=1,
+    disk_gb=None,
+    max_hours=None,
+    idle_minutes=None,
+    allow_cidr=None,
+    i_know=False,
+):
     """Show what apply would create and what it would cost."""
     from remotefit import nodes as nd
 
     ws = _ws(c)
-    spec = _spec(ws, gpu=gpu, cpu=cpu, instance_type=instance_type, spot=spot, nodes=nodes, disk_gb=disk_gb,
-                 max_hours=max_hours, idle_minutes=idle_minutes, allow_cidr=allow_cidr, i_know=i_know)
+    spec = _spec(
+        ws,
+        gpu=gpu,
+        cpu=cpu,
+        instance_type=instance_type,
+        spot=spot,
+        nodes=nodes,
+        disk_gb=disk_gb,
+        max_hours=max_hours,
+        idle_minutes=idle_minutes,
+        allow_cidr=allow_cidr,
+        i_know=i_know,
+    )
     nd.plan(ws, spec)
 
 
-@task(help={**NODE_FLAGS_HELP, "yes": "Do not ask for confirmation.", "refresh_ami": "Re-resolve the AMI (replaces nodes)."})
+@task(
+    help={
+        **NODE_FLAGS_HELP,
+        "yes": "Do not ask for confirmation.",
+        "refresh_ami": "Re-resolve the AMI (replaces nodes).",
+    }
+)
 @_guard
-def apply(c, gpu=False, cpu=False, instance_type=None, spot=False, nodes=1, disk_gb=None, max_hours=None,
-          idle_minutes=None, allow_cidr=None, i_know=False, yes=False, refresh_ami=False):
+def apply(
+    c,
+    gpu=False,
+    cpu=False,
+    instance_type=None,
+    spot=False,
+    nodes=1,
+    disk_gb=None,
+    max_hours=None,
+    idle_minutes=None,
+    allow_cidr=None,
+    i_know=False,
+    yes=False,
+    refresh_ami=False,
+):
     """Provision the nodes, wait until they answer over SSH, and write generated/ssh_config."""
     from remotefit import nodes as nd
 
     ws = _ws(c)
-    spec = _spec(ws, gpu=gpu, cpu=cpu, instance_type=instance_type, spot=spot, nodes=nodes, disk_gb=disk_gb,
-                 max_hours=max_hours, idle_minutes=idle_minutes, allow_cidr=allow_cidr, i_know=i_know)
+    spec = _spec(
+        ws,
+        gpu=gpu,
+        cpu=cpu,
+        instance_type=instance_type,
+        spot=spot,
+        nodes=nodes,
+        disk_gb=disk_gb,
+        max_hours=max_hours,
+        idle_minutes=idle_minutes,
+        allow_cidr=allow_cidr,
+        i_know=i_know,
+    )
     if not yes:
         _confirm(f"Create {spec.nodes} × {spec.instance_type} ({spec.market}) for stage {ws.stage}?")
     _say(nd.table(nd.status_rows(ws)) if nd.apply(ws, spec, refresh_ami=refresh_ami) else [])
@@ -229,7 +281,7 @@ def sync(c, job, nodes=0):
         "job": "The job folder, e.g. jobs/resnet.",
         "gpu": "Require a GPU node and check CUDA on it before starting.",
         "cpu": "Run on CPU (the default unless job.toml says gpu = true).",
-        "cmd": "Command to run instead of job.toml's (e.g. \"python main.py --epochs 1\").",
+        "cmd": 'Command to run instead of job.toml\'s (e.g. "python main.py --epochs 1").',
         "args": "Extra arguments for the job's command (or put them after --).",
         "detach": "Start the run and return at once (reattach with `inv logs --follow`).",
         "nodes": "Run on the first N nodes (default: all provisioned nodes).",
@@ -244,8 +296,17 @@ def fit(c, job, gpu=False, cpu=False, cmd=None, args="", detach=False, nodes=0, 
 
     extra = shlex.split(args) + shlex.split(getattr(c, "remainder", "") or "")
     ws = None if local else _ws(c)
-    code = jobs.fit(ws, jobs.load_job(job, cmd=cmd), extra, gpu=gpu, cpu=cpu, detach=detach, nodes=nodes or None,
-                    local=local, cancel_on_interrupt=cancel_on_interrupt)
+    code = jobs.fit(
+        ws,
+        jobs.load_job(job, cmd=cmd),
+        extra,
+        gpu=gpu,
+        cpu=cpu,
+        detach=detach,
+        nodes=nodes or None,
+        local=local,
+        cancel_on_interrupt=cancel_on_interrupt,
+    )
     if code:
         raise Exit(code=code)
 
@@ -335,5 +396,27 @@ def sandbox_status(c):
 
 
 sandbox = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status)
-ns = Collection(check, env, tfvars, backend, render, validate, plan, apply, status, ssh, stop, start, destroy, gc,
-                sync, fit, logs, pull, runs, cancel, demo, sandbox)
+ns = Collection(
+    check,
+    env,
+    tfvars,
+    backend,
+    render,
+    validate,
+    plan,
+    apply,
+    status,
+    ssh,
+    stop,
+    start,
+    destroy,
+    gc,
+    sync,
+    fit,
+    logs,
+    pull,
+    runs,
+    cancel,
+    demo,
+    sandbox,
+)

@@ -177,8 +177,7 @@ def _to_user_error(exc: Exception, op: str, bucket: str) -> UserError:
             )
         message = _one_line(exc.response.get("Error", {}).get("Message", "") or str(exc))
         return UserError(
-            f"S3 {op} on bucket {bucket} failed ({code or _http_status(exc)}: {message}); "
-            "fix the cause above and rerun"
+            f"S3 {op} on bucket {bucket} failed ({code or _http_status(exc)}: {message}); fix the cause above and rerun"
         )
     return UserError(f"S3 {op} on bucket {bucket} failed: {_one_line(str(exc))}; fix the cause and rerun")
 
@@ -342,9 +341,7 @@ def _check_pab(s3: S3Client, bucket: str) -> tuple[bool, str, Any]:
 
 
 def _fix_pab(s3: S3Client, bucket: str, _state: Any, _ctx: _Ctx) -> None:
-    _call(
-        s3, "put_public_access_block", bucket, PublicAccessBlockConfiguration=dict.fromkeys(PAB_FLAGS, True)
-    )
+    _call(s3, "put_public_access_block", bucket, PublicAccessBlockConfiguration=dict.fromkeys(PAB_FLAGS, True))
 
 
 def _check_versioning(s3: S3Client, bucket: str) -> tuple[bool, str, Any]:

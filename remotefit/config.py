@@ -26,6 +26,7 @@ from remotefit.errors import UserError
 ENV_FILE = "aws_env_vars"
 ENV_FILE_ENV = "REMOTEFIT_ENV_FILE"  # lets tests and users point at another file
 GENERATED_ENV = "REMOTEFIT_GENERATED"  # lets tests isolate generated/
+RUNS_ENV = "REMOTEFIT_RUNS"  # and runs/
 
 _LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
 
@@ -158,12 +159,18 @@ class Paths:
 
     root: Path
     generated: Path
+    runs: Path
 
     @classmethod
     def at(cls, root: Path | str | None = None) -> Paths:
         root = Path(root or Path.cwd()).resolve()
         gen = os.environ.get(GENERATED_ENV)
-        return cls(root=root, generated=Path(gen).resolve() if gen else root / "generated")
+        runs = os.environ.get(RUNS_ENV)
+        return cls(
+            root=root,
+            generated=Path(gen).resolve() if gen else root / "generated",
+            runs=Path(runs).resolve() if runs else root / "runs",
+        )
 
     @property
     def templates(self) -> Path:
@@ -184,10 +191,6 @@ class Paths:
     @property
     def ssh_config(self) -> Path:
         return self.generated / "ssh_config"
-
-    @property
-    def runs(self) -> Path:
-        return self.root / "runs"
 
     def tfvars(self, settings: Settings) -> Path:
         return self.generated / f"{settings.AWS_ACCOUNT}.tfvars"

@@ -263,14 +263,9 @@ class Estimate:
         cap = self.deadline_cap_usd
         assert total is not None and cap is not None  # narrowed by `p is not None`
         rate = (
-            f"{_rate(p)} per node × {self.nodes} nodes = {_rate(total)}"
-            if self.nodes > 1
-            else f"{_rate(p)} (1 node)"
+            f"{_rate(p)} per node × {self.nodes} nodes = {_rate(total)}" if self.nodes > 1 else f"{_rate(p)} (1 node)"
         )
-        out = [
-            f"{head}: {rate}; the {hours} hard deadline caps this run at {format_usd(cap)} "
-            f"({self.price.source})"
-        ]
+        out = [f"{head}: {rate}; the {hours} hard deadline caps this run at {format_usd(cap)} ({self.price.source})"]
         # A list price the table itself flags as stale (e.g. P4/P5 after AWS's 2025 cut).
         row_note = price_table()["instance_types"].get(self.instance_type, {}).get("note")
         if row_note and self.price.usd_per_hour == instance_info(self.instance_type).on_demand_usd_per_hour:

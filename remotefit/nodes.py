@@ -63,12 +63,16 @@ def resolve_spec(
     if instance_type and gpu and not cost.is_gpu_type(itype):
         raise UserError(f"--instance-type {itype} has no GPU but --gpu was given; use a g*/p* type or --cpu")
     if instance_type and cpu and cost.is_gpu_type(itype):
-        raise UserError(f"--instance-type {itype} is a GPU type but --cpu was given; use --gpu, or a CPU type such as {d.cpu_instance_type}")
+        raise UserError(
+            f"--instance-type {itype} is a GPU type but --cpu was given; use --gpu, or a CPU type such as {d.cpu_instance_type}"
+        )
     if not 1 <= nodes <= d.max_nodes:
         raise UserError(f"--nodes {nodes} must be between 1 and {d.max_nodes} (max_nodes in invoke.yaml)")
     hours = d.max_hours if max_hours is None else max_hours
     if not 0 < hours <= d.max_hours_limit:
-        raise UserError(f"--max-hours {hours:g} must be more than 0 and at most {d.max_hours_limit:g} (max_hours_limit in invoke.yaml)")
+        raise UserError(
+            f"--max-hours {hours:g} must be more than 0 and at most {d.max_hours_limit:g} (max_hours_limit in invoke.yaml)"
+        )
     idle = d.idle_minutes if idle_minutes is None else idle_minutes
     if idle < 1:
         raise UserError(f"--idle-minutes {idle} must be at least 1")
@@ -125,7 +129,9 @@ def _pinned_ami(ws: Workspace, profile: str, refresh: bool) -> dict[str, str]:
     return pins[key]
 
 
-def node_variables(ws: Workspace, spec: NodeSpec, az: str, instance_type: str, market: str, refresh_ami: bool = False) -> dict[str, Any]:
+def node_variables(
+    ws: Workspace, spec: NodeSpec, az: str, instance_type: str, market: str, refresh_ami: bool = False
+) -> dict[str, Any]:
     """The tfvars for the nodes (everything beyond the seed's name/region/environment)."""
     ami = _pinned_ami(ws, spec.profile, refresh_ami)
     return {
@@ -185,14 +191,18 @@ def preflight_checks(ws: Workspace, spec: NodeSpec) -> dict[str, list[str]]:
         except UserError:
             continue  # a fallback not offered here is simply not tried
     vcpus = preflight.vcpus_of(ec2, spec.instance_type) * spec.nodes
-    result = preflight.check_quota(ws.client("service-quotas"), spec.instance_type, spec.market, vcpus, ws.settings.AWS_REGION, nodes=spec.nodes)  # type: ignore[arg-type]
+    result = preflight.check_quota(
+        ws.client("service-quotas"), spec.instance_type, spec.market, vcpus, ws.settings.AWS_REGION, nodes=spec.nodes
+    )  # type: ignore[arg-type]
     if result is None:
         echo("warning: could not read the vCPU quota for this instance family (Service Quotas unreachable); continuing")
     return azs
 
 
 def cost_lines(ws: Workspace, spec: NodeSpec) -> list[str]:
-    est = cost.estimate(spec.instance_type, spec.market, spec.nodes, spec.max_hours, ws.settings.AWS_REGION, ec2=ws.client("ec2"))  # type: ignore[arg-type]
+    est = cost.estimate(
+        spec.instance_type, spec.market, spec.nodes, spec.max_hours, ws.settings.AWS_REGION, ec2=ws.client("ec2")
+    )  # type: ignore[arg-type]
     return est.lines()
 
 
@@ -201,7 +211,9 @@ def plan(ws: Workspace, spec: NodeSpec) -> int:
     preflight_checks(ws, spec)
     for line in cost_lines(ws, spec):
         echo(line)
-    steps.write_tfvars(ws, node_variables(ws, spec, default_az(ws, spec.instance_type), spec.instance_type, spec.market))
+    steps.write_tfvars(
+        ws, node_variables(ws, spec, default_az(ws, spec.instance_type), spec.instance_type, spec.market)
+    )
     tf = steps.init(ws)
     return tf.plan(ws.paths.tfvars(ws.settings), detailed=True)
 
@@ -298,8 +310,7 @@ def write_inventory(ws: Workspace, nodes: list[Node]) -> None:
 
 READY_CMD = (
     # cloud-init finishing means user_data armed the guards; images without cloud-init have none to wait for.
-    "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait >/dev/null || true; fi; "
-    "mkdir -p {workdir}"
+    "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait >/dev/null || true; fi; mkdir -p {workdir}"
 )
 
 
@@ -311,12 +322,19 @@ def wait_ready(ws: Workspace, nodes: list[Node], gpu: bool = False, timeout: flo
     last = ""
     while pending:
         for n in list(pending):
-            res = run(ssh_argv(ws.paths.ssh_config, n.alias, READY_CMD.format(workdir=n.workdir)), capture=True, check=False, timeout=120)
+            res = run(
+                ssh_argv(ws.paths.ssh_config, n.alias, READY_CMD.format(workdir=n.workdir)),
+                capture=True,
+                check=False,
+                timeout=120,
+            )
             if res.returncode == 0:
                 pending.remove(n)
                 echo(f"ready: {n.alias} ({n.instance_id}) after {time.monotonic() - t0:.1f} s")
             else:
-                last = (res.stderr or res.stdout).strip().splitlines()[-1:] and (res.stderr or res.stdout).strip().splitlines()[-1]
+                last = (res.stderr or res.stdout).strip().splitlines()[-1:] and (
+                    res.stderr or res.stdout
+                ).strip().splitlines()[-1]
         if pending and time.monotonic() - t0 > timeout:
             raise UserError(
                 f"{', '.join(n.alias for n in pending)} did not answer over SSH within {timeout:.0f} s ({last}); "
@@ -326,9 +344,17 @@ def wait_ready(ws: Workspace, nodes: list[Node], gpu: bool = False, timeout: flo
             time.sleep(1.0)
     if gpu:
         for n in nodes:
-            res = run(ssh_argv(ws.paths.ssh_config, n.alias, "nvidia-smi --query-gpu=name,driver_version --format=csv,noheader"), capture=True, check=False)
+            res = run(
+                ssh_argv(
+                    ws.paths.ssh_config, n.alias, "nvidia-smi --query-gpu=name,driver_version --format=csv,noheader"
+                ),
+                capture=True,
+                check=False,
+            )
             if res.returncode != 0:
-                raise UserError(f"{n.alias}: nvidia-smi failed on a GPU node ({(res.stderr or res.stdout).strip()[:200]}); the image has no working driver")
+                raise UserError(
+                    f"{n.alias}: nvidia-smi failed on a GPU node ({(res.stderr or res.stdout).strip()[:200]}); the image has no working driver"
+                )
             echo(f"gpu: {n.alias}: {res.stdout.strip()}")
     return time.monotonic() - t0
 
@@ -346,7 +372,11 @@ def _describe(ws: Workspace, ids: list[str]) -> list[dict[str, Any]]:
         out = []
         for i in ids:
             try:
-                out += [x for r in ws.client("ec2").describe_instances(InstanceIds=[i])["Reservations"] for x in r["Instances"]]
+                out += [
+                    x
+                    for r in ws.client("ec2").describe_instances(InstanceIds=[i])["Reservations"]
+                    for x in r["Instances"]
+                ]
             except ClientError:
                 continue
         return out
@@ -408,14 +438,19 @@ def stop(ws: Workspace) -> list[str]:
         run(ssh_close_argv(ws.paths.ssh_config, n.alias), capture=True, check=False)
     ws.forget_unreached(set())
     saved = load_node_vars(ws) or {}
-    return [f"stopped {len(nodes)} node(s); compute billing stops", cost.stopped_cost_note(float(saved.get("disk_gb", 50)), len(nodes))]
+    return [
+        f"stopped {len(nodes)} node(s); compute billing stops",
+        cost.stopped_cost_note(float(saved.get("disk_gb", 50)), len(nodes)),
+    ]
 
 
 def start(ws: Workspace) -> list[Node]:
     nodes = require_nodes(ws)
     ec2 = ws.client("ec2")
     ec2.start_instances(InstanceIds=[n.instance_id for n in nodes])
-    ec2.get_waiter("instance_running").wait(InstanceIds=[n.instance_id for n in nodes], WaiterConfig={"Delay": 2, "MaxAttempts": 150})
+    ec2.get_waiter("instance_running").wait(
+        InstanceIds=[n.instance_id for n in nodes], WaiterConfig={"Delay": 2, "MaxAttempts": 150}
+    )
     described = {i["InstanceId"]: i for i in _describe(ws, [n.instance_id for n in nodes])}
     pub = public_key(ws.paths.generated, ws.stage)
     saved = load_node_vars(ws) or {}
@@ -461,7 +496,9 @@ def destroy(ws: Workspace) -> list[str]:
         lines.append(f"nothing to destroy: stage {ws.stage} has no resources in its state")
     else:
         if refresh_tfvars(ws) is None:
-            raise UserError(f"{_vars_file(ws)} is missing, so Terraform lacks the node variables; run `inv tfvars` then `inv destroy`")
+            raise UserError(
+                f"{_vars_file(ws)} is missing, so Terraform lacks the node variables; run `inv tfvars` then `inv destroy`"
+            )
         for n in nodes:
             run(ssh_close_argv(ws.paths.ssh_config, n.alias), capture=True, check=False)
         tf.destroy(ws.paths.tfvars(ws.settings))
@@ -522,7 +559,9 @@ def gc(ws: Workspace, yes: bool = False) -> list[str]:
         ]
         for i in orphans:
             tags = {t["Key"]: t["Value"] for t in i.get("Tags", [])}
-            lines.append(f"{region}: orphan {i['InstanceId']} ({i['InstanceType']}, stage {tags.get('stage', '?')}, launched {i['LaunchTime']:%Y-%m-%d %H:%M})")
+            lines.append(
+                f"{region}: orphan {i['InstanceId']} ({i['InstanceType']}, stage {tags.get('stage', '?')}, launched {i['LaunchTime']:%Y-%m-%d %H:%M})"
+            )
         if orphans and yes:
             ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in orphans])
             lines.append(f"{region}: terminated {len(orphans)} orphan(s)")

@@ -88,11 +88,7 @@ def check_instance_type(ec2: EC2Client, instance_type: str, flag: str = "--insta
     if found:
         return
     guess = suggest_type(instance_type)
-    hint = (
-        f"did you mean {guess}?"
-        if guess
-        else "pick one from remotefit/prices.json, e.g. c7i.xlarge or g5.xlarge"
-    )
+    hint = f"did you mean {guess}?" if guess else "pick one from remotefit/prices.json, e.g. c7i.xlarge or g5.xlarge"
     raise UserError(
         f"{flag} {instance_type!r} is not an EC2 instance type in {_region(ec2)}: {hint} "
         "(`aws ec2 describe-instance-types` lists them all)"

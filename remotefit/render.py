@@ -53,7 +53,9 @@ def render_templates(templates: Path, context: Mapping[str, Any]) -> dict[str, s
                 "remotefit/render.py template_context() or remove it from the template"
             ) from None
         except jinja2.TemplateSyntaxError as exc:
-            raise UserError(f"{tpl.relative_to(templates.parent)}:{exc.lineno}: Jinja syntax error: {exc.message}") from None
+            raise UserError(
+                f"{tpl.relative_to(templates.parent)}:{exc.lineno}: Jinja syntax error: {exc.message}"
+            ) from None
     return out
 
 
@@ -77,10 +79,14 @@ def check_hcl(name: str, text: str) -> dict[str, Any]:
         line = getattr(exc, "line", None)
         where = f":{line}" if isinstance(line, int) and line > 0 else ""
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{name}{where}: rendered HCL does not parse ({first}); fix the template it came from") from None
+        raise UserError(
+            f"{name}{where}: rendered HCL does not parse ({first}); fix the template it came from"
+        ) from None
 
 
-def render_terraform(templates: Path, out_dir: Path, scripts: Path, context: Mapping[str, Any] | None = None) -> list[Path]:
+def render_terraform(
+    templates: Path, out_dir: Path, scripts: Path, context: Mapping[str, Any] | None = None
+) -> list[Path]:
     """Render templates into `out_dir`, checking every file before writing any of them."""
     rendered = render_templates(templates, context or template_context())
     for name, text in rendered.items():
@@ -132,7 +138,7 @@ def terraformrc_text(mirror: Path) -> str:
     return (
         "# Written by remotefit: install providers from the configured filesystem mirror.\n"
         "provider_installation {\n"
-        f"  filesystem_mirror {{\n    path    = {p}\n    include = [\"*/*/*\"]\n  }}\n"
-        "  direct {\n    exclude = [\"*/*/*\"]\n  }\n"
+        f'  filesystem_mirror {{\n    path    = {p}\n    include = ["*/*/*"]\n  }}\n'
+        '  direct {\n    exclude = ["*/*/*"]\n  }\n'
         "}\n"
     )

@@ -10,6 +10,7 @@ Known moto gaps (so the sandbox is honest about them): EC2 placement groups are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,10 +69,8 @@ def stop_pid(pid: int, marker: str, grace: float = 5.0) -> bool:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 @dataclass
@@ -230,7 +229,9 @@ class Sandbox:
         atomic_write(d / "node.json", json.dumps(asdict(node)))
         return node
 
-    def _start_watchdog(self, d: Path, node: SandboxNode, endpoint: str, region: str, max_hours: float, idle: int) -> int:
+    def _start_watchdog(
+        self, d: Path, node: SandboxNode, endpoint: str, region: str, max_hours: float, idle: int
+    ) -> int:
         now = time.time()
         config = {
             "deadline_epoch": now + max_hours * 3600,
@@ -240,8 +241,17 @@ class Sandbox:
             "imds": "http://127.0.0.1:9",  # no metadata service on loopback: spot checks are no-ops here
             "state": str(d / "watchdog-state.json"),
             "shutdown_cmd": [
-                sys.executable, "-m", "remotefit.sandbox", "self-terminate",
-                "--dir", str(self.dir), "--endpoint", endpoint, "--region", region, node.instance_id,
+                sys.executable,
+                "-m",
+                "remotefit.sandbox",
+                "self-terminate",
+                "--dir",
+                str(self.dir),
+                "--endpoint",
+                endpoint,
+                "--region",
+                region,
+                node.instance_id,
             ],
         }
         atomic_write(d / "watchdog.json", json.dumps(config))
@@ -249,8 +259,20 @@ class Sandbox:
         log = open(d / "watchdog.log", "ab")  # noqa: SIM115
         try:
             proc = subprocess.Popen(  # noqa: S603
-                [sys.executable, str(script), "--config", str(d / "watchdog.json"), "--loop", "15", "--imds-timeout", "0.2"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                [
+                    sys.executable,
+                    str(script),
+                    "--config",
+                    str(d / "watchdog.json"),
+                    "--loop",
+                    "15",
+                    "--imds-timeout",
+                    "0.2",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         finally:
             log.close()

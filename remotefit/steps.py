@@ -53,7 +53,11 @@ def write_tfvars(ws: Workspace, node_values: dict[str, object]) -> Path:
     values: dict[str, object] = {"name": s.AWS_ACCOUNT, "region": s.AWS_REGION, "environment": s.STAGE}
     values["aws_endpoint"] = ws.endpoint
     values |= node_values
-    return write_hcl_file(ws.paths.tfvars(s), values, "Written by remotefit (`inv tfvars` / `inv apply`); edit aws_env_vars or flags instead.")
+    return write_hcl_file(
+        ws.paths.tfvars(s),
+        values,
+        "Written by remotefit (`inv tfvars` / `inv apply`); edit aws_env_vars or flags instead.",
+    )
 
 
 # -- backend ----------------------------------------------------------------------------
@@ -81,7 +85,9 @@ def backend_values(ws: Workspace) -> dict[str, object]:
 
 
 def write_backend_config(ws: Workspace) -> Path:
-    return write_hcl_file(ws.paths.backend_file, backend_values(ws), "Partial S3 backend config written by `inv backend`.")
+    return write_hcl_file(
+        ws.paths.backend_file, backend_values(ws), "Partial S3 backend config written by `inv backend`."
+    )
 
 
 def backend(ws: Workspace) -> list[str]:
@@ -113,7 +119,9 @@ def require_backend(ws: Workspace) -> None:
             raise UserError(
                 f"the state bucket {ws.settings.TF_STATE_BUCKET} does not exist yet: run `inv backend` first"
             ) from None
-        raise UserError(f"cannot read the state bucket {ws.settings.TF_STATE_BUCKET} ({code}); check your credentials") from None
+        raise UserError(
+            f"cannot read the state bucket {ws.settings.TF_STATE_BUCKET} ({code}); check your credentials"
+        ) from None
     write_backend_config(ws)  # the sandbox endpoint may have moved since `inv backend`
 
 
@@ -179,7 +187,18 @@ def validate(ws: Workspace) -> list[str]:
 
 
 def checkov_argv(checkov: str, directory: Path) -> list[str]:
-    return [checkov, "-d", str(directory), "--framework", "terraform", "--quiet", "--compact", "--skip-download", "-o", "cli"]
+    return [
+        checkov,
+        "-d",
+        str(directory),
+        "--framework",
+        "terraform",
+        "--quiet",
+        "--compact",
+        "--skip-download",
+        "-o",
+        "cli",
+    ]
 
 
 def run_checkov(checkov: str, directory: Path) -> str:

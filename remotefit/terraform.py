@@ -120,7 +120,9 @@ class Terraform:
         res = run(fmt_check_argv(self.binary), cwd=self.workdir, env=self.env, capture=True, check=False)
         if res.returncode != 0:
             files = ", ".join(res.stdout.split("\n")[:1]) or "?"
-            raise UserError(f"terraform fmt -check: {files} is not formatted; run `terraform fmt` on the template output and fix the template")
+            raise UserError(
+                f"terraform fmt -check: {files} is not formatted; run `terraform fmt` on the template output and fix the template"
+            )
 
     def validate(self) -> None:
         res = run(validate_argv(self.binary), cwd=self.workdir, env=self.env, capture=True, check=False)

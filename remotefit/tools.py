@@ -32,7 +32,9 @@ def tool_table(terraform_binary: str = "terraform") -> list[Tool]:
         Tool("rsync", ("rsync", "--version"), (3, 1), True, "apt-get install rsync / brew install rsync"),
         Tool("python3", (sys.executable, "--version"), (3, 11), True, "https://www.python.org/downloads/"),
         Tool("sshd", ("/usr/sbin/sshd", "-V"), None, False, "apt-get install openssh-server (sandbox nodes only)"),
-        Tool("tflint", ("tflint", "--version"), None, False, "https://github.com/terraform-linters/tflint#installation"),
+        Tool(
+            "tflint", ("tflint", "--version"), None, False, "https://github.com/terraform-linters/tflint#installation"
+        ),
         Tool("checkov", ("checkov", "--version"), None, False, "scripts/bootstrap installs it into .venv-checkov"),
         Tool("aws", ("aws", "--version"), None, False, "https://docs.aws.amazon.com/cli/latest/userguide/"),
     ]

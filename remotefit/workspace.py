@@ -153,7 +153,9 @@ class Workspace:
         """Features the moto server lacks, so the sandbox skips them and says so (see sandbox.py)."""
         return not (self.endpoint and feature in SANDBOX_GAPS)
 
-    def reach_node(self, instance_id: str, public_ip: str, ssh_user: str, public_key: str, node_vars: dict[str, Any]) -> Reach:
+    def reach_node(
+        self, instance_id: str, public_ip: str, ssh_user: str, public_key: str, node_vars: dict[str, Any]
+    ) -> Reach:
         """How to reach an instance over SSH: its public IP on AWS, a loopback sshd on the sandbox."""
         if not self.endpoint:
             return Reach(public_ip, 22, ssh_user, f"/home/{ssh_user}/remotefit")

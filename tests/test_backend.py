@@ -286,9 +286,7 @@ def test_merge_keeps_user_lifecycle_tags_and_policy(aws):
         "Action": "s3:GetObject",
         "Resource": f"arn:aws:s3:::{BUCKET}/*",
     }
-    s3.put_bucket_policy(
-        Bucket=BUCKET, Policy=json.dumps({"Version": "2012-10-17", "Statement": [user_stmt]})
-    )
+    s3.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps({"Version": "2012-10-17", "Statement": [user_stmt]}))
 
     report = ensure_state_bucket(s3, BUCKET, "us-east-1", TAGS)
     assert "tags (was missing managed-by,project)" in report.repaired
@@ -400,9 +398,7 @@ def test_bucket_already_exists_on_create(aws, monkeypatch):
 
 
 def test_wrong_region(aws):
-    client("eu-west-1").create_bucket(
-        Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
-    )
+    client("eu-west-1").create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
     with pytest.raises(UserError) as exc:
         ensure_state_bucket(client("us-east-1"), BUCKET, "us-east-1", TAGS)
     msg = _one_line(exc.value)

@@ -235,9 +235,7 @@ def test_estimate_single_node_fractional_hours():
     e = cost.estimate("c7i.xlarge", "on-demand", nodes=1, max_hours=2.5, region=REGION)
     assert e.deadline_cap_usd == pytest.approx(0.44625)
     line = e.lines()[0]
-    assert line.startswith(
-        "c7i.xlarge on-demand: $0.178/h (1 node); the 2.5 h hard deadline caps this run at $0.45"
-    )
+    assert line.startswith("c7i.xlarge on-demand: $0.178/h (1 node); the 2.5 h hard deadline caps this run at $0.45")
 
 
 def test_estimate_flags_stale_p_prices():

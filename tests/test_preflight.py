@@ -34,9 +34,7 @@ def ec2(aws_env):
 
 
 def _stubbed_sq():
-    return boto3.client(
-        "service-quotas", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
-    )
+    return boto3.client("service-quotas", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
 
 
 def _quota(code, value):
@@ -84,9 +82,7 @@ def test_azs_offering(ec2, t):
 
 def test_azs_offering_none(ec2):
     # p3.2xlarge is absent from moto's offering data (AWS is retiring P3).
-    with pytest.raises(
-        UserError, match=r"^--instance-type p3.2xlarge is not offered in any availability zone"
-    ):
+    with pytest.raises(UserError, match=r"^--instance-type p3.2xlarge is not offered in any availability zone"):
         preflight.azs_offering(ec2, "p3.2xlarge")
 
 
@@ -133,9 +129,7 @@ def test_quota_code(t, market, code, name):
     assert preflight.quota_code(t, market) == (code, name)
 
 
-@pytest.mark.parametrize(
-    "t", ["inf2.xlarge", "trn1.32xlarge", "x2idn.16xlarge", "f1.2xlarge", "u-6tb1.metal"]
-)
+@pytest.mark.parametrize("t", ["inf2.xlarge", "trn1.32xlarge", "x2idn.16xlarge", "f1.2xlarge", "u-6tb1.metal"])
 def test_quota_code_unmapped_classes(t):
     with pytest.raises(ValueError, match="no known EC2 quota class"):
         preflight.quota_code(t, "on-demand")
@@ -287,9 +281,7 @@ def test_launch_candidates_spot_with_on_demand_fallback():
 
 
 def test_launch_candidates_no_on_demand_fallback_and_dedup():
-    got = preflight.launch_candidates(
-        "g5.xlarge", "spot", AZS, ["g5.xlarge", "g6.xlarge", "g6.xlarge"], False
-    )
+    got = preflight.launch_candidates("g5.xlarge", "spot", AZS, ["g5.xlarge", "g6.xlarge", "g6.xlarge"], False)
     assert [(c.instance_type, c.az) for c in got] == [
         ("g5.xlarge", "us-east-1a"), ("g5.xlarge", "us-east-1b"), ("g6.xlarge", "us-east-1c"),
     ]  # fmt: skip

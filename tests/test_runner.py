@@ -46,13 +46,14 @@ def base(tmp_path):
 def rf(base, sub, *args, timeout=60, env=None):
     return subprocess.run(
         [sys.executable, str(RUNNER), sub, "--base", str(base), *args],
-        capture_output=True, timeout=timeout, env=env,
+        capture_output=True,
+        timeout=timeout,
+        env=env,
     )
 
 
 def start(base, run_id, cmd, *extra, env=None):
-    return rf(base, "start", "--run-id", run_id, "--job-dir", str(base / "jobs" / "job"), "--cmd", cmd,
-              *extra, env=env)
+    return rf(base, "start", "--run-id", run_id, "--job-dir", str(base / "jobs" / "job"), "--cmd", cmd, *extra, env=env)
 
 
 def wait_exit_code(base, run_id, timeout=20.0):
@@ -104,8 +105,9 @@ def test_job_survives_parent_death(base):
     job = base / "jobs" / "job"
     script = f"{sys.executable} {RUNNER} start --base {base} --run-id r1 --job-dir {job} "
     script += "--cmd 'sleep 1; echo survived; exit 5'; sleep 60"
-    parent = subprocess.Popen(["bash", "-c", script], start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = subprocess.Popen(
+        ["bash", "-c", script], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 10
     while not (base / "active.json").exists():
         assert time.time() < deadline, "start did not write active.json"
@@ -161,8 +163,11 @@ def test_stale_active_json_is_cleaned(base):
 def test_follow_offset_resumes_without_repeating(base):
     cmd = "echo first; sleep 1.5; echo second; exit 0"
     assert start(base, "r1", cmd).returncode == 0
-    f = subprocess.Popen([sys.executable, str(RUNNER), "follow", "--base", str(base), "--run-id", "r1"],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    f = subprocess.Popen(
+        [sys.executable, str(RUNNER), "follow", "--base", str(base), "--run-id", "r1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     first = f.stdout.readline()
     f.kill()  # the ssh connection drops mid-run
     f.wait()
@@ -195,8 +200,15 @@ def test_setup_env_file_and_env(base):
     env_file = base / "env.json"
     env_file.write_text(json.dumps({"MY_SECRET": "s3", "EPOCHS": 2}))
     job = base / "jobs" / "job"
-    r = start(base, "r1", 'echo "$MY_SECRET $EPOCHS $(cat made-by-setup) $REMOTEFIT_RUN_DIR"',
-              "--env-file", str(env_file), "--setup", "echo ok > made-by-setup")
+    r = start(
+        base,
+        "r1",
+        'echo "$MY_SECRET $EPOCHS $(cat made-by-setup) $REMOTEFIT_RUN_DIR"',
+        "--env-file",
+        str(env_file),
+        "--setup",
+        "echo ok > made-by-setup",
+    )
     assert r.returncode == 0, r.stderr
     f = rf(base, "follow", "--run-id", "r1")
     assert f.returncode == 0
@@ -305,8 +317,9 @@ def test_status_reports_lost_run(base):
     dead.wait()
     run_dir = base / "runs" / "gone"
     run_dir.mkdir(parents=True)
-    (run_dir / "run.json").write_text(json.dumps({"run_id": "gone", "pid": dead.pid, "pgid": dead.pid,
-                                                  "started_at": "2030-01-01T00:00:00Z"}))
+    (run_dir / "run.json").write_text(
+        json.dumps({"run_id": "gone", "pid": dead.pid, "pgid": dead.pid, "started_at": "2030-01-01T00:00:00Z"})
+    )
     st = json.loads(rf(base, "status", "--run-id", "gone").stdout)
     assert st["state"] == "lost" and st["exit_code"] is None
     c = rf(base, "cancel", "--run-id", "gone")

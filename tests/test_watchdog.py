@@ -97,16 +97,20 @@ class Node:
             "base": str(self.base),
             "imds": self.imds_url,
             "state": str(self.state),
-            "shutdown_cmd": [sys.executable, "-c",
-                             "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text('x')",
-                             str(self.marker)],
+            "shutdown_cmd": [
+                sys.executable,
+                "-c",
+                "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text('x')",
+                str(self.marker),
+            ],
         }
         cfg.update(overrides)
         self.config.write_text(json.dumps(cfg))
 
     def tick(self, now, *extra, capsys=None):
-        rc = watchdog.main(["--config", str(self.config), "--proc", str(self.proc), "--now", str(now),
-                            "--imds-timeout", "1", *extra])
+        rc = watchdog.main(
+            ["--config", str(self.config), "--proc", str(self.proc), "--now", str(now), "--imds-timeout", "1", *extra]
+        )
         assert rc == 0
         if capsys is not None:
             return capsys.readouterr().out
@@ -118,7 +122,8 @@ class Node:
 
     def set_active(self, pid, run_id="r1"):
         (self.base / "active.json").write_text(
-            json.dumps({"run_id": run_id, "pid": pid, "pgid": pid, "started_at": "x"}))
+            json.dumps({"run_id": run_id, "pid": pid, "pgid": pid, "started_at": "x"})
+        )
 
     @property
     def shut_down(self):
@@ -132,8 +137,9 @@ def node(tmp_path, imds):
 
 def spawn_session(*cmd):
     """A child in its own session/process group, like a runner job."""
-    return subprocess.Popen(list(cmd) or ["sleep", "30"], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        list(cmd) or ["sleep", "30"], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
 
 
 def test_deadline_shuts_down(node, capsys):
@@ -274,10 +280,26 @@ def test_imds_unreachable_tick_still_completes(node, capsys):
 
 def test_bad_config_falls_back_to_defaults_and_flags(node, capsys):
     node.config.write_text("{not json")
-    rc = watchdog.main(["--config", str(node.config), "--proc", str(node.proc), "--now", str(T0),
-                        "--state", str(node.state), "--base", str(node.base), "--imds", node.imds_url,
-                        "--deadline-epoch", str(T0 - 1),
-                        "--shutdown-cmd", json.dumps(["touch", str(node.marker)])])
+    rc = watchdog.main(
+        [
+            "--config",
+            str(node.config),
+            "--proc",
+            str(node.proc),
+            "--now",
+            str(T0),
+            "--state",
+            str(node.state),
+            "--base",
+            str(node.base),
+            "--imds",
+            node.imds_url,
+            "--deadline-epoch",
+            str(T0 - 1),
+            "--shutdown-cmd",
+            json.dumps(["touch", str(node.marker)]),
+        ]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     assert "cannot read config" in captured.err
@@ -286,8 +308,13 @@ def test_bad_config_falls_back_to_defaults_and_flags(node, capsys):
 
 def test_cli_dry_run_with_fake_now_env(node):
     env = dict(os.environ, REMOTEFIT_FAKE_NOW=str(T0 + 5 * 3600))
-    r = subprocess.run([sys.executable, str(WATCHDOG), "--config", str(node.config), "--proc", str(node.proc),
-                        "--dry-run"], capture_output=True, text=True, env=env, timeout=30)
+    r = subprocess.run(
+        [sys.executable, str(WATCHDOG), "--config", str(node.config), "--proc", str(node.proc), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -297,8 +324,9 @@ def test_cli_dry_run_with_fake_now_env(node):
 
 
 def test_loop_mode_ticks_repeatedly(node, capsys):
-    rc = watchdog.main(["--config", str(node.config), "--proc", str(node.proc), "--now", str(T0),
-                        "--loop", "0.01", "--max-ticks", "3"])
+    rc = watchdog.main(
+        ["--config", str(node.config), "--proc", str(node.proc), "--now", str(T0), "--loop", "0.01", "--max-ticks", "3"]
+    )
     assert rc == 0
     assert capsys.readouterr().out.count("action=keep") == 3
 
@@ -310,7 +338,8 @@ def test_systemd_units():
     assert service["Service"]["Type"] == "oneshot"
     assert service["Service"]["User"] == "root"
     assert service["Service"]["ExecStart"] == (
-        "/usr/bin/python3 /opt/remotefit/watchdog.py --config /etc/remotefit/watchdog.json")
+        "/usr/bin/python3 /opt/remotefit/watchdog.py --config /etc/remotefit/watchdog.json"
+    )
     timer = configparser.ConfigParser(strict=False, interpolation=None)
     timer.optionxform = str
     timer.read(NODE / "remotefit-watchdog.timer")

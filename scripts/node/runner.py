@@ -347,6 +347,7 @@ def ensure_venv(venv_dir: str, requirements: str) -> int:
 
     Output goes to stdout/stderr, which for the job process is the run log.
     """
+
     def say(msg: str) -> None:
         print("[remotefit] " + msg, flush=True)
 
@@ -366,9 +367,7 @@ def ensure_venv(venv_dir: str, requirements: str) -> int:
             # from the parent site-packages through the .pth below.
             say(f"venv with pip failed (exit {rc}; is python3-venv installed?); retrying --without-pip")
             shutil.rmtree(venv_dir, ignore_errors=True)
-            rc = subprocess.call(
-                [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv_dir]
-            )
+            rc = subprocess.call([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv_dir])
             if rc != 0:
                 say(f"creating the venv failed with exit code {rc}")
                 return exit_code_of(rc)
@@ -411,7 +410,10 @@ def driver_version() -> str:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=driver_version", "--format=csv,noheader"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=30,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"nvidia-smi failed ({exc})"
@@ -425,8 +427,13 @@ def check_cuda(python: str, env: dict, cwd: str) -> tuple[bool, str]:
     """(ok, one-line description) of torch.cuda.is_available() in python."""
     try:
         out = subprocess.run(
-            [python, "-c", CUDA_PROBE], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-            capture_output=True, text=True, timeout=600,
+            [python, "-c", CUDA_PROBE],
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         lines = out.stdout.strip().splitlines()
         probe = json.loads(lines[-1]) if lines else {}
@@ -466,6 +473,8 @@ def build_env(base_env: dict, extra: dict, venv_dir: str | None, run_dir: str, r
             env.pop(key, None)
         else:
             env[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    for key in ("SSH_CLIENT", "SSH2_CLIENT", "SSH_CONNECTION", "SSH_TTY"):
+        env.pop(key, None)  # the job is not an ssh session (and bash must not act like one)
     if venv_dir:
         env["PATH"] = os.path.join(venv_dir, "bin") + os.pathsep + env.get("PATH", os.defpath)
         env["VIRTUAL_ENV"] = venv_dir
@@ -489,8 +498,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             with open(os.path.join(job_dir, args.requirements), "rb") as f:
                 req_bytes = f.read()
         except OSError as exc:
-            raise RunnerError(f"cannot read requirements {args.requirements}: {exc.strerror}",
-                              EXIT_USAGE) from None
+            raise RunnerError(f"cannot read requirements {args.requirements}: {exc.strerror}", EXIT_USAGE) from None
     for d in (layout.runs, layout.envs):
         os.makedirs(d, exist_ok=True)
 
@@ -526,36 +534,53 @@ def cmd_start(args: argparse.Namespace) -> int:
                 f.write(req_bytes)
         open(os.path.join(rd, "log"), "ab").close()  # `follow` may start right away
         started = time.time()
-        write_json(os.path.join(rd, "run.json"), {
-            "run_id": run_id,
-            "command": args.cmd,
-            "job_dir": job_dir,
-            "setup": args.setup,
-            "requirements": args.requirements,
-            "requirements_copy": req_copy,
-            "venv": venv_dir,
-            "check_cuda": bool(args.check_cuda),
-            "cuda_checked": cuda_checked,
-            "env_file_keys": sorted(str(k) for k in extra_env),
-            "started_at": iso(started),
-            "started_epoch": started,
-            "hostname": socket.gethostname(),
-            "python": sys.executable,
-            "starter_pid": os.getpid(),
-        })
+        write_json(
+            os.path.join(rd, "run.json"),
+            {
+                "run_id": run_id,
+                "command": args.cmd,
+                "job_dir": job_dir,
+                "setup": args.setup,
+                "requirements": args.requirements,
+                "requirements_copy": req_copy,
+                "venv": venv_dir,
+                "check_cuda": bool(args.check_cuda),
+                "cuda_checked": cuda_checked,
+                "env_file_keys": sorted(str(k) for k in extra_env),
+                "started_at": iso(started),
+                "started_epoch": started,
+                "hostname": socket.gethostname(),
+                "python": sys.executable,
+                "starter_pid": os.getpid(),
+            },
+        )
         with open(os.path.join(rd, "supervisor.log"), "ab") as slog:
             # -I: the env file may set PYTHONPATH/PYTHONHOME for the job; they
             # must not break the runner's own interpreter.
             sup = subprocess.Popen(
                 [sys.executable, "-I", RUNNER, "_supervise", "--base", layout.base, "--run-id", run_id],
-                cwd=rd, env=env, stdin=subprocess.DEVNULL, stdout=slog, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True,
+                cwd=rd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=slog,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
             )
         meta = wait_for_pid(layout, run_id, sup)
 
     if args.json:
-        print(json.dumps({"run_id": run_id, "pid": meta["pid"], "pgid": meta.get("pgid"),
-                          "run_dir": rd, "log": os.path.join(rd, "log")}))
+        print(
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "pid": meta["pid"],
+                    "pgid": meta.get("pgid"),
+                    "run_dir": rd,
+                    "log": os.path.join(rd, "log"),
+                }
+            )
+        )
     else:
         print(run_id)
     sys.stdout.flush()
@@ -591,8 +616,12 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         try:
             job = subprocess.Popen(
                 [sys.executable, "-I", RUNNER, "_job", "--base", layout.base, "--run-id", run_id],
-                cwd=meta["job_dir"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, close_fds=True,
+                cwd=meta["job_dir"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
             )
         except (OSError, KeyError) as exc:
             log.write((f"[remotefit] cannot start the job: {exc}\n").encode())
@@ -606,11 +635,24 @@ def cmd_supervise(args: argparse.Namespace) -> int:
         signal.signal(sig, signal.SIG_IGN)
     st = proc_stat(job.pid)
     me = proc_stat(os.getpid())
-    meta.update(pid=job.pid, pgid=job.pid, pid_start=st[2] if st else None,
-                supervisor_pid=os.getpid(), supervisor_start=me[2] if me else None)
-    write_json(layout.active, {"run_id": run_id, "pid": job.pid, "pgid": job.pid,
-                               "pid_start": meta["pid_start"], "started_at": meta.get("started_at"),
-                               "supervisor_pid": os.getpid()})
+    meta.update(
+        pid=job.pid,
+        pgid=job.pid,
+        pid_start=st[2] if st else None,
+        supervisor_pid=os.getpid(),
+        supervisor_start=me[2] if me else None,
+    )
+    write_json(
+        layout.active,
+        {
+            "run_id": run_id,
+            "pid": job.pid,
+            "pgid": job.pid,
+            "pid_start": meta["pid_start"],
+            "started_at": meta.get("started_at"),
+            "supervisor_pid": os.getpid(),
+        },
+    )
     write_json(layout.path(run_id, "run.json"), meta)  # `start` waits for this pid
     code = exit_code_of(job.wait())
     print(f"{iso()} job {job.pid} exited with {code}", flush=True)
@@ -635,7 +677,9 @@ def cmd_job(args: argparse.Namespace) -> int:
         print("[remotefit] " + line, flush=True)
     if meta.get("setup"):
         print("[remotefit] setup: {}".format(meta["setup"]), flush=True)
-        rc = exit_code_of(subprocess.call(["bash", "-c", meta["setup"]], stdin=subprocess.DEVNULL))
+        rc = exit_code_of(
+            subprocess.call(["bash", "--norc", "--noprofile", "-c", meta["setup"]], stdin=subprocess.DEVNULL)
+        )
         if rc:
             print(f"[remotefit] setup failed with exit code {rc}", flush=True)
             return rc
@@ -643,7 +687,9 @@ def cmd_job(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     try:
         # exec keeps this pid/process group, which start already recorded.
-        os.execvp("bash", ["bash", "-c", meta["command"]])  # noqa: S606 - bash is the point
+        # --norc: bash run under sshd would otherwise source ~/.bashrc, whose PATH edits (pyenv,
+        # conda) can hide the job's venv.
+        os.execvp("bash", ["bash", "--norc", "--noprofile", "-c", meta["command"]])  # noqa: S606 - bash is the point
     except OSError as exc:
         print(f"[remotefit] cannot exec bash: {exc}", flush=True)
     return 127

@@ -230,7 +230,8 @@ def spot_notice(imds: str, timeout: float) -> tuple[str, dict | None]:
     try:
         # The scheme is checked above: only http(s) reaches urlopen.
         req = urllib.request.Request(  # noqa: S310
-            base + "/latest/api/token", method="PUT",
+            base + "/latest/api/token",
+            method="PUT",
             headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
         )
         with opener.open(req, timeout=timeout) as resp:
@@ -257,8 +258,9 @@ def spot_notice(imds: str, timeout: float) -> tuple[str, dict | None]:
 
 def run_shutdown(cmd: list[str]) -> str:
     try:
-        out = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, timeout=120)
+        out = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"shutdown command failed: {exc}"
     if out.returncode != 0:
@@ -331,8 +333,7 @@ def tick(opts: argparse.Namespace, now: float) -> str:
     if opts.deadline_epoch is not None and now >= opts.deadline_epoch:
         action = "shutdown"
         reason = f"deadline {iso(opts.deadline_epoch)} passed {minutes(now - opts.deadline_epoch)} ago"
-    elif not busy and opts.idle_minutes is not None and opts.idle_minutes > 0 \
-            and idle_for >= opts.idle_minutes * 60:
+    elif not busy and opts.idle_minutes is not None and opts.idle_minutes > 0 and idle_for >= opts.idle_minutes * 60:
         action = "shutdown"
         reason = f"idle for {minutes(idle_for)} >= {opts.idle_minutes:g}min (no active run, no ssh session)"
     elif busy:

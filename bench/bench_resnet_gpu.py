@@ -1,0 +1,202 @@
+"""GPU training throughput of jobs/resnet/train.py's ResNet-18 on CIFAR-shaped data (for an H100/H200).
+
+    python -m bench.bench_resnet_gpu                  # ~2-4 min on an H100; needs CUDA
+    OUT=/some/dir python -m bench.bench_resnet_gpu    # also writes $OUT/gpu_bench.md
+
+Measures, in one process on one GPU, samples/s of the training step for
+  1. fp32 eager, NCHW (PyTorch defaults)                                      -- the baseline
+  2. bf16 autocast + channels_last (what train.py does on CUDA)
+  3. bf16 autocast + channels_last + torch.compile (train.py --compile)
+all with the same model (width 64 = standard ResNet-18), batch, optimizer and the same on-GPU batched data
+path, then a short end-to-end `train.py --data synthetic` run (50k CIFAR-shaped 32x32 images, 1 epoch) as a
+subprocess, which includes evaluation, checkpointing and the outputs. Prints a markdown table with the device,
+date, figures and the speed-up over fp32 (target: >= 2.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+TRAIN_PY = Path(__file__).resolve().parent.parent / "jobs" / "resnet" / "train.py"
+TARGET = 2.5
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("resnet_train", TRAIN_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["resnet_train"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure(train, mode: str, opts: argparse.Namespace, x_u8: torch.Tensor, y: torch.Tensor) -> float:
+    """Samples/s of the full training step (batch gather, augmentation, forward, backward, SGD)."""
+    dev = x_u8.device
+    fp32 = mode == "fp32"
+    fmt = torch.contiguous_format if fp32 else torch.channels_last
+    torch.manual_seed(0)
+    model = train.ResNet18(10, opts.width).to(dev).to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    net = torch.compile(model) if mode == "bf16+cl+compile" else model
+    scale, shift = 1 / (255 * 0.25), 0.5 / 0.25
+
+    def step(i: int) -> None:
+        idx = torch.randint(0, len(x_u8), (opts.batch_size,), device=dev)
+        xb = train.augment(x_u8[idx], train.step_generator(0, i, 0), 4)
+        xb = xb.float().mul_(scale).sub_(shift).contiguous(memory_format=fmt)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16, enabled=not fp32)
+        with ctx:
+            loss = criterion(net(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(opts.warmup):  # includes compilation and cudnn autotuning
+        step(i)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(opts.steps):
+        step(opts.warmup + i)
+    torch.cuda.synchronize()
+    return opts.steps * opts.batch_size / (time.perf_counter() - t0)
+
+
+def end_to_end(extra: list[str], opts: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable,
+            str(TRAIN_PY),
+            "--data",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--batch-size",
+            str(opts.batch_size),
+            "--width",
+            str(opts.width),
+            "--outputs",
+            tmp,
+            "--no-resume",
+            *extra,
+        ]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, cwd=TRAIN_PY.parent, capture_output=True, text=True, timeout=900)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+        summary = json.loads((Path(tmp) / "summary.json").read_text())
+    return {
+        "samples_per_s": summary["samples_per_s"],
+        "train_seconds": summary["train_seconds"],
+        "process_seconds": wall,
+        "device": summary["device"],
+    }
+
+
+def main() -> int:
+    cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--batch-size", type=int, default=512)
+    cli.add_argument("--width", type=int, default=64, help="64 = standard ResNet-18")
+    cli.add_argument("--steps", type=int, default=60, help="timed steps per mode")
+    cli.add_argument("--warmup", type=int, default=15, help="untimed steps per mode (compile, autotune)")
+    cli.add_argument("--skip-compile", action="store_true")
+    cli.add_argument("--skip-end-to-end", action="store_true")
+    cli.add_argument(
+        "--write-docs", action="store_true", help="also write the resnet-gpu section of docs/benchmarks.md"
+    )
+    opts = cli.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_resnet_gpu: error: CUDA is not available; run this on a GPU machine", file=sys.stderr)
+        return 2
+
+    train = load_train_module()
+    dev = torch.device("cuda", 0)
+    torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name(dev)
+    g = torch.Generator().manual_seed(0)
+    x_u8 = torch.randint(0, 256, (50_000, 3, 32, 32), generator=g, dtype=torch.uint8).to(dev)
+    y = torch.randint(0, 10, (50_000,), generator=g).to(dev)
+
+    modes = ["fp32", "bf16+cl"] + ([] if opts.skip_compile else ["bf16+cl+compile"])
+    results: dict[str, float] = {}
+    for mode in modes:
+        results[mode] = measure(train, mode, opts, x_u8, y)
+        print(f"{mode}: {results[mode]:.0f} samples/s", flush=True)
+    del x_u8, y
+    torch.cuda.empty_cache()
+
+    runs = {}
+    if not opts.skip_end_to_end:
+        runs["train.py"] = end_to_end([], opts)
+        if not opts.skip_compile:
+            runs["train.py --compile"] = end_to_end(["--compile"], opts)
+        for k, v in runs.items():
+            print(f"{k}: {v}", flush=True)
+
+    base = results["fp32"]
+    best = max(results.values())
+    labels = {
+        "fp32": "fp32 eager, NCHW (PyTorch defaults)",
+        "bf16+cl": "bf16 autocast + channels_last",
+        "bf16+cl+compile": "bf16 autocast + channels_last + torch.compile",
+    }
+    md = [
+        "## ResNet-18 training throughput on GPU (`bench/bench_resnet_gpu.py`)",
+        "",
+        f"Device: **{name}**, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}.",
+        f"CIFAR-shaped synthetic data (3x32x32, on the GPU), ResNet-18 width {opts.width}, batch "
+        f"{opts.batch_size}, {opts.steps} timed steps after {opts.warmup} warm-up steps; the step includes",
+        "the batch gather, crop+flip, forward, backward and SGD.",
+        "",
+        "| mode | samples/s | vs fp32 |",
+        "|---|---:|---:|",
+    ]
+    md += [f"| {labels[m]} | {v:.0f} | {v / base:.2f}x |" for m, v in results.items()]
+    verdict = "met" if best / base >= TARGET else "NOT met"
+    md += ["", f"Best speed-up over fp32: **{best / base:.2f}x** (target >= {TARGET}x: {verdict})."]
+    if runs:
+        md += [
+            "",
+            "End to end, `train.py --data synthetic --epochs 1` (50k images; includes evaluation of "
+            "10k, checkpoint and outputs):",
+            "",
+            "| command | train samples/s | train s | process s |",
+            "|---|---:|---:|---:|",
+        ]
+        for k, v in runs.items():
+            if "error" in v:
+                md.append(f"| `{k}` | failed: {v['error']} | | |")
+            else:
+                md.append(
+                    f"| `{k}` | {v['samples_per_s']:.0f} | {v['train_seconds']:.1f} | {v['process_seconds']:.1f} |"
+                )
+    text = "\n".join(md) + "\n"
+    print(text)
+    if os.environ.get("OUT"):
+        out = Path(os.environ["OUT"]) / "gpu_bench.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+    if opts.write_docs:
+        from bench._report import write_section
+
+        write_section("resnet-gpu", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
