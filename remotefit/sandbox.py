@@ -286,6 +286,7 @@ class Sandbox:
         ec2.terminate_instances(InstanceIds=[instance_id])
         node = self.node(instance_id)
         if node:
+            _stop_active_run(Path(node.workdir))
             stop_pid(node.pid, "sshd", grace=3)
             (self.nodes_dir / instance_id / "node.json").unlink(missing_ok=True)
             if node.watchdog_pid and pid_alive(node.watchdog_pid, "watchdog"):
@@ -294,6 +295,7 @@ class Sandbox:
     def stop_node(self, node: SandboxNode) -> bool:
         if node.watchdog_pid:
             stop_pid(node.watchdog_pid, "watchdog", grace=3)
+        _stop_active_run(Path(node.workdir))  # a terminated machine runs no jobs
         stopped = stop_pid(node.pid, "sshd", grace=3)
         f = self.nodes_dir / node.instance_id / "node.json"
         f.unlink(missing_ok=True)
@@ -366,6 +368,17 @@ def _answers(endpoint: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def _stop_active_run(workdir: Path) -> None:
+    """Kill the job the node's runner recorded as active (its own session, so sshd's exit spares it)."""
+    try:
+        active = json.loads((workdir / "active.json").read_text())
+        pgid = int(active["pgid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def _boto_creds() -> dict[str, str]:

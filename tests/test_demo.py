@@ -48,3 +48,39 @@ def test_demo_runs_the_whole_life_cycle_and_leaves_nothing(tmp_path: Path) -> No
         pid = int(f.read_text().strip() or 0)
         assert not pid or not _live(pid)
     assert os.environ.get("REMOTEFIT_GENERATED") is None  # the test did not leak its isolation
+
+
+@needs_tools
+def test_demo_interrupted_cleans_up_and_says_what(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import INV, ROOT
+
+    p = make_project(tmp_path / "proj")
+    proc = subprocess.Popen(
+        [INV, "demo"],
+        cwd=ROOT,
+        env=p.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    # Interrupt once the node is up and the job is being fitted (as a user's Ctrl-C would).
+    deadline = time.monotonic() + 300
+    inventory = p.generated / "demo" / "nodes.json"
+    while not inventory.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "cleaning up:" in err
+    assert "verified: nothing tagged stage=demo is left" in err
+    assert "stopped moto server" in err
+    assert "Traceback" not in err
+    sandbox = p.generated / "demo" / "sandbox"
+    assert not (sandbox / "moto.json").exists()
+    assert not list(sandbox.glob("nodes/*/node.json"))
