@@ -47,9 +47,24 @@ def _ws(c: Any) -> Any:
     return Workspace(defaults=dict(c.config.get("remotefit", {}) or {}))
 
 
+def _number(value: Any, flag: str, kind: type) -> Any:
+    """invoke passes flags whose default is None as strings: convert with a one-line error."""
+    from remotefit.errors import UserError
+
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise UserError(f"--{flag} {value!r} is not a {'whole number' if kind is int else 'number'}") from None
+
+
 def _spec(ws: Any, **flags: Any) -> Any:
     from remotefit.nodes import resolve_spec
 
+    flags["disk_gb"] = _number(flags.get("disk_gb"), "disk-gb", int)
+    flags["max_hours"] = _number(flags.get("max_hours"), "max-hours", float)
+    flags["idle_minutes"] = _number(flags.get("idle_minutes"), "idle-minutes", int)
     return resolve_spec(ws, **flags)
 
 
