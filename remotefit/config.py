@@ -34,9 +34,10 @@ _LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
 @cache
 def aws_regions() -> frozenset[str]:
     """Every commercial, China and GovCloud region name botocore knows (its own endpoint data)."""
-    import botocore.session
+    import botocore.loaders
 
-    data = botocore.session.get_session().get_data("endpoints")
+    # A bare loader, not a session: a session reads AWS_PROFILE and raises ProfileNotFound for a bad one.
+    data = botocore.loaders.create_loader().load_data("endpoints")
     return frozenset(r for part in data["partitions"] for r in part.get("regions", {}))
 
 
@@ -166,9 +167,11 @@ class Paths:
         root = Path(root or Path.cwd()).resolve()
         gen = os.environ.get(GENERATED_ENV)
         runs = os.environ.get(RUNS_ENV)
+        generated = Path(gen).resolve() if gen else root / "generated"
+        _check_folder(generated, GENERATED_ENV if gen else "generated/")
         return cls(
             root=root,
-            generated=Path(gen).resolve() if gen else root / "generated",
+            generated=generated,
             runs=Path(runs).resolve() if runs else root / "runs",
         )
 
@@ -194,6 +197,18 @@ class Paths:
 
     def tfvars(self, settings: Settings) -> Path:
         return self.generated / f"{settings.AWS_ACCOUNT}.tfvars"
+
+
+def _check_folder(path: Path, what: str) -> None:
+    """Fail early when a folder we must write cannot exist because a file sits in its way."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(
+                    f"{what}: cannot use {path} as a folder because {p} is a file; "
+                    f"move that file away or point {GENERATED_ENV} at another folder"
+                )
+            return
 
 
 def parse_env_file(path: Path) -> dict[str, tuple[str, int]]:

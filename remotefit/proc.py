@@ -63,7 +63,7 @@ def run(
 
 def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
     """Write a file so that readers see the old or the new content, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     except PermissionError:
@@ -86,6 +86,10 @@ def ensure_writable(directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     except PermissionError:
         raise UserError(f"cannot create {directory}; fix the permissions of its parent and retry") from None
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(
+            f"cannot create the folder {directory}: it or one of its parents is a file; move that file away"
+        ) from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise UserError(f"{directory} is not writable; fix its permissions (chmod u+w {directory}) and retry")
 

@@ -134,15 +134,16 @@ def terraform(ws: Workspace, with_cloud: bool = True) -> Terraform:
     """A Terraform bound to generated/terraform, the provider mirror and (optionally) the cloud env."""
     env: dict[str, str] = ws.aws_env() if with_cloud else {}
     mirror = ws.defaults.terraform_mirror
+    rc = ws.paths.generated / "terraformrc"
     if mirror:
         if Path(mirror).is_dir():
-            rc = ws.paths.generated / "terraformrc"
-            atomic_write(rc, terraformrc_text(Path(mirror)))
             env["TF_CLI_CONFIG_FILE"] = str(rc)
         else:
             echo(f"warning: invoke.yaml terraform_mirror {mirror} does not exist; using the Terraform registry")
     tf = Terraform(ws.defaults.terraform_binary, ws.paths.terraform_dir, env)
-    tf.version()
+    tf.version()  # before writing anything: a missing or old terraform leaves generated/ as it was
+    if "TF_CLI_CONFIG_FILE" in env:
+        atomic_write(rc, terraformrc_text(Path(mirror)))
     return tf
 
 
@@ -158,10 +159,10 @@ def init(ws: Workspace, tf: Terraform | None = None) -> Terraform:
 def validate(ws: Workspace) -> list[str]:
     """python-hcl2 parse (in render), fmt -check, init -backend=false + validate, then tflint and checkov."""
     done = []
+    tf = terraform(ws, with_cloud=False)  # a missing or old terraform fails before anything is written
     t0 = time.perf_counter()
     render(ws)
     done.append(f"rendered and parsed with python-hcl2 in {time.perf_counter() - t0:.2f} s")
-    tf = terraform(ws, with_cloud=False)
     tf.fmt_check()
     done.append("terraform fmt -check: ok")
     t0 = time.perf_counter()

@@ -74,13 +74,19 @@ class Terraform:
             )
         out = run(version_argv(self.binary), capture=True, env=self.env).stdout
         try:
-            text = json.loads(out)["terraform_version"]
-        except (ValueError, KeyError):
+            text = str(json.loads(out)["terraform_version"])
+        except (ValueError, KeyError, TypeError):
             text = out
         ver = parse_version(text)
-        if ver is None or ver < MIN_VERSION:
+        if ver is None:
+            first = (text.strip().splitlines() or ["no output"])[0][:80]
             raise UserError(
-                f"{self.binary} {text.strip()} is older than 1.11 (needed for S3 state locking with "
+                f"{self.binary}: cannot read its version from `version -json` ({first!r}); "
+                "install Terraform >= 1.11, or set terraform_binary in invoke.yaml"
+            )
+        if ver < MIN_VERSION:
+            raise UserError(
+                f"{self.binary} {'.'.join(map(str, ver))} is older than 1.11 (needed for S3 state locking with "
                 "use_lockfile); upgrade Terraform, or set terraform_binary in invoke.yaml"
             )
         return ver
@@ -130,9 +136,10 @@ class Terraform:
             raise UserError(f"terraform validate: {summarize_error(res.stdout + res.stderr)}")
 
 
-_LOCK_ID = re.compile(r"ID:\s+(\S+)")
-_LOCK_WHO = re.compile(r"Who:\s+(.+)")
-_LOCK_WHEN = re.compile(r"Created:\s+(.+)")
+# Anchored to the start of a line: the S3 error above the Lock Info block also holds "RequestID: ...".
+_LOCK_ID = re.compile(r"^[\s│]*ID:\s+(\S+)", re.M)
+_LOCK_WHO = re.compile(r"^[\s│]*Who:\s+(.+)", re.M)
+_LOCK_WHEN = re.compile(r"^[\s│]*Created:\s+(.+)", re.M)
 
 
 def summarize_error(output: str) -> str:
