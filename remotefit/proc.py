@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -101,8 +102,10 @@ def run_tee(
     env: Mapping[str, str] | None = None,
     quiet: bool = False,
     prefix: str = "  ",
+    show: re.Pattern[str] | None = None,
 ) -> tuple[int, str]:
-    """Run argv, echoing its output line by line (unless quiet) and returning (exit code, output)."""
+    """Run argv, echoing its output line by line (unless quiet; only lines matching `show` when given)
+    and returning (exit code, output)."""
     full_env = {**os.environ, **(env or {})}
     lines: list[str] = []
     try:
@@ -122,7 +125,7 @@ def run_tee(
     try:
         for line in proc.stdout:
             lines.append(line)
-            if not quiet:
+            if not quiet and (show is None or show.search(line)):
                 sys.stderr.write(prefix + line)
                 sys.stderr.flush()
         return proc.wait(), "".join(lines)

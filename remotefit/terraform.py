@@ -6,6 +6,7 @@ provider point at the moto server through generated/backend.hcl and the tfvars.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -16,6 +17,11 @@ from remotefit.errors import UserError
 from remotefit.proc import echo, run, run_tee
 
 MIN_VERSION = (1, 11, 0)
+# What a person needs to see of apply/destroy; the whole output goes to generated/terraform/last-*.log.
+PROGRESS = re.compile(
+    r"(Creation complete|Destruction complete|Modifications complete|Apply complete|Destroy complete|"
+    r"^Plan:|No changes|Error|Warning|will be (created|destroyed|updated|replaced)|must be replaced)"
+)
 
 
 def parse_version(text: str) -> tuple[int, int, int] | None:
@@ -92,9 +98,12 @@ class Terraform:
         return ver
 
     def _run(self, argv: list[str], what: str, quiet: bool = False) -> str:
-        code, out = run_tee(argv, cwd=self.workdir, env=self.env, quiet=quiet)
+        code, out = run_tee(argv, cwd=self.workdir, env=self.env, quiet=quiet, show=PROGRESS)
+        log = self.workdir / f"last-{what}.log"
+        with contextlib.suppress(OSError):
+            log.write_text(out)
         if code != 0:
-            raise UserError(f"terraform {what} failed: {summarize_error(out)}", code=code)
+            raise UserError(f"terraform {what} failed: {summarize_error(out)} (full output: {log})", code=code)
         return out
 
     def init(self, backend_file: Path | None, quiet: bool = True) -> None:
