@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import shlex
 import time
 from pathlib import Path
@@ -163,6 +164,12 @@ def validate(ws: Workspace) -> list[str]:
     t0 = time.perf_counter()
     render(ws)
     done.append(f"rendered and parsed with python-hcl2 in {time.perf_counter() - t0:.2f} s")
+    # Check a copy without backend state: the real working dir may hold an initialised S3 backend,
+    # which `init -backend=false` would still try to reach.
+    scratch = ws.paths.generated / "validate"
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(ws.paths.terraform_dir, scratch, ignore=shutil.ignore_patterns(".terraform*", "last-*.log"))
+    tf.workdir = scratch
     tf.fmt_check()
     done.append("terraform fmt -check: ok")
     t0 = time.perf_counter()
