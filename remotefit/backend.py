@@ -571,7 +571,9 @@ def ensure_state_bucket(
     )
     if not require_tls:
         steps = [step for step in steps if step[0] != "tls-policy"]
-        report.skipped.append("tls-policy (the sandbox's moto would refuse every object request under it, https included)")
+        report.skipped.append(
+            "tls-policy (the sandbox's moto would refuse every object request under it, https included)"
+        )
     for name, check, fix in steps:
         ok, current, state = check(s3, bucket)
         if ok:

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import hashlib
 import json
 import os
+import posixpath
+import re
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Sequence
@@ -66,9 +71,7 @@ def load_job(path: str | Path, cmd: str | None = None) -> Job:
         try:
             spec = tomllib.loads(toml.read_text())
         except tomllib.TOMLDecodeError as exc:
-            raise UserError(
-                f"{toml}:{getattr(exc, 'lineno', '?')}: not valid TOML ({str(exc).split(' (at')[0]})"
-            ) from None
+            raise UserError(f"{toml}:{_toml_line(exc, toml)}: not valid TOML ({str(exc).split(' (at')[0]})") from None
         for key in spec:
             if key not in JOB_KEYS:
                 close = difflib.get_close_matches(key, sorted(JOB_KEYS), n=1)
@@ -95,6 +98,18 @@ def load_job(path: str | Path, cmd: str | None = None) -> Job:
         raise UserError(
             f"{toml}: a value has the wrong type ({exc}); see jobs/resnet/job.toml for the format"
         ) from None
+
+
+def _toml_line(exc: tomllib.TOMLDecodeError, toml: Path) -> int | str:
+    """The line of a TOML error: .lineno from Python 3.14, parsed from the message before that."""
+    if getattr(exc, "lineno", None):
+        return int(exc.lineno)  # type: ignore[attr-defined]
+    m = re.search(r"at line (\d+)", str(exc))
+    if m:
+        return int(m.group(1))
+    if "end of document" in str(exc):
+        return max(1, len(toml.read_text().splitlines()))
+    return "?"
 
 
 # -- transports: the same runner over ssh, or on this machine ----------------------------
@@ -127,7 +142,9 @@ class Transport:
     def runner(self, *args: str) -> str:
         """The shell command that runs runner.py with the node's Python (the one that has PyTorch)."""
         base = self.node.workdir
-        return remote([self.node.python, f"{base}/.remotefit/runner.py", args[0], "--base", base, *args[1:]])
+        # -S: the runner needs only the standard library; skipping site (PyTorch's .pth files and
+        # all) saves ~40 ms per call. Its supervisor and job processes start with site as usual.
+        return remote([self.node.python, "-S", f"{base}/.remotefit/runner.py", args[0], "--base", base, *args[1:]])
 
 
 def local_node(paths: Paths) -> Node:
@@ -201,8 +218,27 @@ def sync_argv(t: Transport, job: Job) -> list[str]:
     # destination on the node in the same connection, without another round trip.
     extra = ["--safe-links", *filters]
     if not t.local:
-        extra.append(f"--rsync-path=mkdir -p {shlex.quote(dest)} && rsync")
-    return argv[:1] + extra + argv[1:]
+        # In the same connection: refuse (runner exit 3) while a run is active, so a second fit never
+        # rewrites a running job's folder; an older runner without `idle` (exit 2) does not block.
+        runner = f"{t.node.workdir}/.remotefit/runner.py"
+        idle = f"{{ [ ! -f {shlex.quote(runner)} ] || {t.runner('idle')} || [ $? -ne 3 ]; }}"
+        extra.append(f"--rsync-path={idle} && mkdir -p {shlex.quote(dest)} && rsync")
+    # Exact numbers in --stats (rsync_argv asks for human-readable ones): the summary parses them.
+    return argv[:1] + extra + argv[1:-2] + ["--no-human-readable"] + argv[-2:]
+
+
+def sync_summary(stats: str) -> tuple[int, int, int]:
+    """(regular files transferred, regular files in the job, bytes sent) from rsync --stats."""
+
+    def num(pattern: str) -> int:
+        m = re.search(pattern, stats)
+        return int(m.group(1).replace(",", "")) if m else 0
+
+    return (
+        num(r"Number of regular files transferred: ([\d,]+)"),
+        num(r"Number of files: [\d,]+ \(reg: ([\d,]+)"),
+        num(r"Total bytes sent: ([\d,]+)"),
+    )
 
 
 def sync(
@@ -215,31 +251,57 @@ def sync(
         assert ws is not None
         all_nodes = require_nodes(ws)
         ts = transports(ws, all_nodes[: nodes or len(all_nodes)])
-    count, size, largest = plan_upload(job)
-    if not quiet:
-        echo(f"sync: {job.name}: {count} files, {_human(size)}")
-    warn_mb = ws.defaults.sync_warn_mb if ws else 200
-    if size > warn_mb * 1024 * 1024:
-        names = ", ".join(f"{n} ({_human(s)})" for s, n in largest)
-        echo(
-            f"warning: the job is {_human(size)}, over sync_warn_mb={warn_mb}; largest: {names}. "
-            "Add big data to .remotefitignore and download it on the node instead"
-        )
     for t in ts:
         if t.local:
+            if Path(t.node.workdir, ".remotefit", "runner.py").exists():
+                res = run(t.argv(t.runner("idle")), capture=True, check=False)
+                if res.returncode == 3:
+                    raise UserError(_runner_error(res.stderr, "a run is active"), code=3)
             Path(t.node.workdir, "jobs", job.name).mkdir(parents=True, exist_ok=True)
 
     def one(t: Transport) -> str:
         res = run(sync_argv(t, job), capture=True, check=False)
         if res.returncode != 0:
-            raise UserError(f"sync to {t.node.alias} failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+            if "runner: error:" in (res.stderr or ""):
+                raise UserError(f"{t.node.alias}: {_runner_error(res.stderr, '')}", code=3)
+            last = (res.stderr or res.stdout).strip().splitlines()[-1:]
+            raise UserError(f"sync to {t.node.alias} failed: {last[0] if last else f'rsync exit {res.returncode}'}")
         return res.stdout
 
-    with ThreadPoolExecutor(max_workers=max(1, len(ts))) as pool:
-        return list(pool.map(one, ts))
+    # The local listing (for the size warning) runs beside the transfers, not before them: it is
+    # done long before any transfer big enough to warn about, and costs no wall time otherwise.
+    with ThreadPoolExecutor(max_workers=len(ts) + 1) as pool:
+        planned = pool.submit(plan_upload, job)
+        sent = [pool.submit(one, t) for t in ts]
+        count, size, largest = planned.result()
+        if not quiet:
+            echo(f"sync: {job.name}: {count} files, {_human(size)}")
+        warn_mb = ws.defaults.sync_warn_mb if ws else 200
+        if size > warn_mb * 1024 * 1024:
+            names = ", ".join(f"{n} ({_human(s)})" for s, n in largest)
+            echo(
+                f"warning: the job is {_human(size)}, over sync_warn_mb={warn_mb}; largest: {names}. "
+                "Add big data to .remotefitignore and download it on the node instead"
+            )
+        outs = [f.result() for f in sent]
+    if not quiet:
+        for t, out in zip(ts, outs, strict=True):
+            moved, total, nbytes = sync_summary(out)
+            echo(f"sync: {t.node.alias}: {moved} of {total} files transferred, {nbytes} bytes sent ({_human(nbytes)})")
+    return outs
+
+
+def _runner_error(stderr: str, default: str) -> str:
+    """The runner's one-line error (without its prefix) out of a command's stderr."""
+    for line in reversed((stderr or "").splitlines()):
+        if "runner: error: " in line:
+            return line.split("runner: error: ", 1)[1].strip()
+    lines = (stderr or "").strip().splitlines()
+    return lines[-1] if lines else default
 
 
 def upload_runner(t: Transport) -> None:
+    """Copy runner.py to the node on its own (fit sends it inside the start command instead)."""
     dest = f"{t.node.workdir}/.remotefit"
     if t.local:
         Path(dest).mkdir(parents=True, exist_ok=True)
@@ -254,7 +316,21 @@ def new_run_id(job: Job) -> str:
     return f"{job.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
-def job_env(job: Job, run_id: str, nodes: list[Node], rank: int, gpus_per_node: int, outputs: str) -> dict[str, str]:
+def master_port_for(run_id: str) -> int:
+    """torchrun's rendezvous port: one per run (29500-29999), so a port still held by an earlier run
+    (or by another run on a shared host, as on the sandbox) rarely gets in the way."""
+    return MASTER_PORT + int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % 500
+
+
+def job_env(
+    job: Job,
+    run_id: str,
+    nodes: list[Node],
+    rank: int,
+    gpus_per_node: int,
+    outputs: str,
+    master_port: int = MASTER_PORT,
+) -> dict[str, str]:
     """The environment every job process gets (documented in the README)."""
     master = nodes[0].private_ip or "127.0.0.1"
     return {
@@ -265,14 +341,16 @@ def job_env(job: Job, run_id: str, nodes: list[Node], rank: int, gpus_per_node: 
         "REMOTEFIT_NUM_NODES": str(len(nodes)),
         "REMOTEFIT_NODE_IPS": ",".join(n.private_ip or "127.0.0.1" for n in nodes),
         "REMOTEFIT_MASTER_ADDR": master,
-        "REMOTEFIT_MASTER_PORT": str(MASTER_PORT),
+        "REMOTEFIT_MASTER_PORT": str(master_port),
         "REMOTEFIT_GPUS_PER_NODE": str(gpus_per_node),
         "REMOTEFIT_OUTPUTS": outputs,
         "PYTHONUNBUFFERED": "1",
     }
 
 
-def launch_command(job: Job, extra: Sequence[str], nodes: list[Node], rank: int, gpus_per_node: int) -> str:
+def launch_command(
+    job: Job, extra: Sequence[str], nodes: list[Node], rank: int, gpus_per_node: int, master_port: int = MASTER_PORT
+) -> str:
     """The job's command, under torchrun when it is distributed over several processes."""
     cmd = job.command + ("" if not extra else " " + shlex.join(list(extra)))
     procs = max(gpus_per_node, 1)
@@ -287,7 +365,7 @@ def launch_command(job: Job, extra: Sequence[str], nodes: list[Node], rank: int,
                 f"--node_rank={rank}",
                 f"--nproc_per_node={procs}",
                 f"--master_addr={nodes[0].private_ip or '127.0.0.1'}",
-                f"--master_port={MASTER_PORT}",
+                f"--master_port={master_port}",
             ]
             cmd = shlex.join(torchrun + words[1:] + list(extra))
     return cmd
@@ -298,18 +376,32 @@ def run_outputs(base: str, run_id: str) -> str:
     return f"{base}/outputs/{run_id}"
 
 
-def start_command(t: Transport, job: Job, run_id: str, cmd: str, gpu: bool) -> str:
+def start_command(
+    t: Transport,
+    job: Job,
+    run_id: str,
+    cmd: str,
+    gpu: bool,
+    env: dict[str, str] | None = None,
+    then_follow: bool = False,
+) -> str:
+    """One shell line for the node: install runner.py (sent on stdin), link outputs/, write the env
+    file, start the run; with then_follow, stream its log in the same connection (start's JSON goes
+    to stderr then, and follow ends with the run's status as a JSON line on stderr)."""
     base = t.node.workdir
+    rdir = f"{base}/.remotefit"
     jobdir = f"{base}/jobs/{job.name}"
     outdir = run_outputs(base, run_id)
-    envfile = f"{base}/.remotefit/env-{run_id}.json"
+    envfile = f"{rdir}/env-{run_id}.json"
+    q = shlex.quote
+    install = f"mkdir -p {q(rdir)} && cat > {q(rdir)}/runner.py.$$ && mv -f {q(rdir)}/runner.py.$$ {q(rdir)}/runner.py"
     # outputs/ in the job folder points at this run's own outputs: any script writing ./outputs works,
-    # and runs never mix (one run at a time per node).
+    # and runs never mix (one run at a time per node; sync has checked that none is active).
     link = (
-        f"mkdir -p {shlex.quote(outdir)} && cd {shlex.quote(jobdir)} && "
-        f"{{ [ ! -e {shlex.quote(job.outputs)} ] || [ -L {shlex.quote(job.outputs)} ] || "
-        f"mv {shlex.quote(job.outputs)} {shlex.quote(job.outputs + '.before-' + run_id)}; }} && "
-        f"ln -sfn {shlex.quote(outdir)} {shlex.quote(job.outputs)} && cat > {shlex.quote(envfile)}"
+        f"mkdir -p {q(outdir)} && cd {q(jobdir)} && "
+        f"{{ [ ! -e {q(job.outputs)} ] || [ -L {q(job.outputs)} ] || "
+        f"mv {q(job.outputs)} {q(job.outputs + '.before-' + run_id)}; }} && "
+        f"ln -sfn {q(outdir)} {q(job.outputs)} && printf '%s' {q(json.dumps(env or {}))} > {q(envfile)}"
     )
     args = ["start", "--run-id", run_id, "--job-dir", jobdir, "--cmd", cmd, "--env-file", envfile, "--json"]
     if job.requirements:
@@ -318,7 +410,13 @@ def start_command(t: Transport, job: Job, run_id: str, cmd: str, gpu: bool) -> s
         args += ["--setup", job.setup]
     if gpu:
         args.append("--check-cuda")
-    return f"{link} && {t.runner(*args)}"
+    # The job's `python` is the node's Python (the one with PyTorch), ahead of whatever PATH has.
+    py_dir = posixpath.dirname(t.node.python) if posixpath.isabs(t.node.python) else ""
+    path = f'PATH={q(py_dir)}:"$PATH" ' if py_dir else ""
+    line = f"{install} && {link} && {path}{t.runner(*args)}"
+    if then_follow:
+        line += f" >&2 && exec {t.runner('follow', '--run-id', run_id, '-q', '--status-json')}"
+    return line
 
 
 @dataclass
@@ -378,7 +476,11 @@ def fit(
     cancel_on_interrupt: bool = False,
     paths: Paths | None = None,
 ) -> int:
-    """Sync, start, stream, pull. Returns the run's exit code (the first non-zero over the nodes)."""
+    """Sync, start, stream, pull. Returns the run's exit code (the first non-zero over the nodes).
+
+    Three round trips per node in the common case: the sync (which also checks that no run is
+    active), start + follow in one connection (runner.py travels on its stdin), and one pull rsync.
+    """
     if gpu and cpu:
         raise UserError("--gpu and --cpu both given; pick one")
     want_gpu = gpu or (job.gpu and not cpu)
@@ -405,9 +507,8 @@ def fit(
         ts = transports(ws, chosen)
     gpus = 0 if local else (cost.instance_info(chosen[0].instance_type).gpus or 0)
     sync(ws, job, ts=ts)
-    for t in ts:
-        upload_runner(t)
     run_id = new_run_id(job)
+    port = master_port_for(run_id)
     record = RunRecord(
         run_id,
         job.name,
@@ -419,36 +520,46 @@ def fit(
         local,
         git_commit(job.path),
     )
-    # Start every node; a refusal (another run active) on any node stops the whole launch.
-    for rank, t in enumerate(ts):
-        outputs = run_outputs(t.node.workdir, run_id)
-        env = job_env(job, run_id, chosen, rank, gpus, outputs)
-        cmd = launch_command(job, extra, chosen, rank, gpus)
-        res = run(
-            t.argv(start_command(t, job, run_id, cmd, want_gpu)), capture=True, check=False, input_text=json.dumps(env)
-        )
-        if res.returncode != 0:
-            msg = (res.stderr or res.stdout).strip().splitlines()
-            line = msg[-1] if msg else f"exit {res.returncode}"
-            if rank:  # don't leave the ranks already started waiting for a peer that never comes
-                for started in ts[:rank]:
-                    run(
-                        started.argv(started.runner("cancel", "--run-id", run_id, "--grace", "5")),
-                        capture=True,
-                        check=False,
-                    )
-            code = res.returncode if res.returncode != 3 else 3
-            raise UserError(
-                f"{t.node.alias}: could not start the run: {line.removeprefix('runner: error: ')}", code=code
-            )
+    runner_src = RUNNER.read_text()
+
+    def command(rank: int, t: Transport, then_follow: bool) -> str:
+        env = job_env(job, run_id, chosen, rank, gpus, run_outputs(t.node.workdir, run_id), master_port=port)
+        cmd = launch_command(job, extra, chosen, rank, gpus, master_port=port)
+        return start_command(t, job, run_id, cmd, want_gpu, env=env, then_follow=then_follow)
+
+    def refuse(t: Transport, code: int, stderr: str, started: list[Transport]) -> UserError:
+        for s in started:  # don't leave the ranks already started waiting for a peer that never comes
+            run(s.argv(s.runner("cancel", "--run-id", run_id, "--grace", "5")), capture=True, check=False)
+        _records_dir(paths).joinpath(f"{run_id}.json").unlink(missing_ok=True)
+        why = _runner_error(stderr, f"exit {code}")
+        return UserError(f"{t.node.alias}: could not start the run: {why}", code=code if code in (3, 4) else 1)
+
     _records_dir(paths).mkdir(parents=True, exist_ok=True)
     record.save(_records_dir(paths))
-    echo(f"run {run_id} started on {', '.join(n.alias for n in chosen)}")
+    # The other ranks first (they wait for rank 0's rendezvous), then rank 0, followed in the same
+    # connection unless detached.
+    started: list[Transport] = []
+    for rank, t in reversed(list(enumerate(ts))):
+        if rank == 0 and not detach:
+            break
+        res = run(t.argv(command(rank, t, False)), capture=True, check=False, input_text=runner_src)
+        if res.returncode != 0:
+            raise refuse(t, res.returncode, res.stderr, started)
+        started.append(t)
+    where = ", ".join(n.alias for n in chosen)
     if detach:
-        echo(f"detached: follow with `inv logs {run_id} --follow`, cancel with `inv cancel {run_id}`")
+        echo(f"run {run_id} started on {where}")
+        echo(f"detached: follow with `inv logs --run {run_id} --follow`, cancel with `inv cancel --run {run_id}`")
         return 0
     try:
-        code = follow(ts[0], run_id)
+        code, status = _stream(
+            ts[0],
+            run_id,
+            first=(command(0, ts[0], True), runner_src),
+            on_start=lambda: echo(f"run {run_id} started on {where}"),
+        )
+    except _StartFailed as exc:
+        raise refuse(ts[0], exc.code, exc.stderr, started) from None
     except KeyboardInterrupt:
         if cancel_on_interrupt:
             for t in ts:
@@ -457,12 +568,14 @@ def fit(
             return 130
         echo(
             f"\ndetached from run {run_id}; it keeps running on the node.\n"
-            f"  reattach: inv logs {run_id} --follow\n  cancel:   inv cancel {run_id}\n  results:  inv pull {run_id}"
+            f"  reattach: inv logs --run {run_id} --follow\n  cancel:   inv cancel --run {run_id}\n"
+            f"  results:  inv pull --run {run_id}"
         )
         return 130
-    codes = [code] + [wait_exit(t, run_id) for t in ts[1:]]
+    statuses = [status or {}] + [wait_status(t, run_id) for t in ts[1:]]
+    codes = [code] + [_exit_of(st) for st in statuses[1:]]
     final = next((c for c in codes if c), 0)
-    dest = pull_run(paths, record, ts, codes)
+    dest = pull_run(paths, record, ts, codes, statuses)
     echo(f"run {run_id} finished with exit code {final}; results in {dest}")
     return final
 
@@ -476,43 +589,122 @@ def _check_local_cuda() -> None:
         raise UserError(f"--gpu with --local but CUDA is not usable here (torch {torch.__version__}); drop --gpu")
 
 
+class _StartFailed(Exception):
+    def __init__(self, code: int, stderr: str) -> None:
+        super().__init__(code, stderr)
+        self.code = code
+        self.stderr = stderr
+
+
 def follow(t: Transport, run_id: str, reconnect_for: float = 600.0) -> int:
     """Stream the run's log from rank 0 to stdout; reconnect after a dropped connection."""
+    return _stream(t, run_id, reconnect_for)[0]
+
+
+def _stream(
+    t: Transport,
+    run_id: str,
+    reconnect_for: float = 600.0,
+    first: tuple[str, str] | None = None,
+    on_start: Any = None,
+) -> tuple[int, dict[str, Any] | None]:
+    """(exit code, final status) of a run whose log is streamed to stdout.
+
+    `first` is (start-and-follow command, its stdin): the run is started in the same connection; a
+    refusal raises _StartFailed. Later attempts (after a dropped connection) only follow.
+    """
     shown = 0
     lost_since: float | None = None
     out = sys.stdout.buffer
+    started = first is None
     while True:
-        argv = t.argv(t.runner("follow", "--run-id", run_id, "--offset", str(shown), "-q"))
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # noqa: S603
-        assert proc.stdout is not None
+        if not started and first is not None:
+            argv, stdin = t.argv(first[0]), first[1]
+        else:
+            argv, stdin = (
+                t.argv(t.runner("follow", "--run-id", run_id, "--offset", str(shown), "-q", "--status-json")),
+                None,
+            )
+        proc = subprocess.Popen(  # noqa: S603
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        box: dict[str, Any] = {"status": None, "started": False, "err": []}
+        reader = threading.Thread(target=_read_stderr, args=(proc.stderr, box, on_start), daemon=True)
+        reader.start()
         try:
+            if stdin is not None:
+                assert proc.stdin is not None
+                try:
+                    proc.stdin.write(stdin.encode())
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
             while chunk := proc.stdout.read1(65536):  # type: ignore[attr-defined]
                 out.write(chunk)
                 out.flush()
                 shown += len(chunk)
                 lost_since = None
+            code = proc.wait()
+            reader.join()
         except BaseException:
             proc.kill()
             proc.wait()
             raise
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        code = proc.wait()
+        err, status = "\n".join(box["err"]), box["status"]
+        if not started:
+            if box["started"]:
+                started = True
+            elif code != SSH_LOST or t.local:
+                raise _StartFailed(code, err)
+            elif run_status(t, run_id) is None:
+                raise UserError(
+                    f"lost the connection to {t.node.alias} while starting run {run_id}: {err or 'no detail'}"
+                )
+            else:
+                started = True  # it started; the connection dropped before we heard so
+                if on_start:
+                    on_start()
         if code != SSH_LOST or t.local:
             if code == 2 and "unknown run" in err:
-                raise UserError(err.strip().splitlines()[-1].removeprefix("runner: error: "))
-            return code
+                raise UserError(_runner_error(err, f"unknown run {run_id}"))
+            return code, status
         # 255: the connection dropped (or the run was lost): ask for its status on a fresh connection.
         state = run_status(t, run_id)
         if state and state.get("state") == "lost":
             echo(f"run {run_id}: the job process vanished without an exit code (node rebooted?)")
-            return SSH_LOST
+            return SSH_LOST, state
         lost_since = lost_since or time.monotonic()
         if time.monotonic() - lost_since > reconnect_for:
             raise UserError(
-                f"lost the connection to {t.node.alias} for {reconnect_for:.0f} s; the run goes on: `inv logs {run_id} --follow`"
+                f"lost the connection to {t.node.alias} for {reconnect_for:.0f} s; the run goes on: "
+                f"`inv logs --run {run_id} --follow`"
             )
         echo(f"(connection to {t.node.alias} lost; reconnecting…)")
         time.sleep(2)
+
+
+def _read_stderr(stream: Any, box: dict[str, Any], on_start: Any) -> None:
+    """Sort a start/follow command's stderr: start's JSON line, follow's final status, the rest."""
+    for raw in stream:
+        line = raw.decode(errors="replace").rstrip("\n")
+        obj = None
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None
+        if isinstance(obj, dict) and "run_dir" in obj:
+            box["started"] = True
+            if on_start:
+                on_start()
+        elif isinstance(obj, dict) and "state" in obj:
+            box["status"] = obj
+        else:
+            box["err"].append(line)
 
 
 def run_status(t: Transport, run_id: str | None = None) -> Any:
@@ -526,13 +718,22 @@ def run_status(t: Transport, run_id: str | None = None) -> Any:
         return None
 
 
-def wait_exit(t: Transport, run_id: str, poll: float = 1.0) -> int:
-    """Wait for a non-zero rank to finish; return its exit code."""
+def _exit_of(st: dict[str, Any]) -> int:
+    return int(st["exit_code"]) if st.get("exit_code") is not None else SSH_LOST
+
+
+def wait_status(t: Transport, run_id: str, poll: float = 1.0) -> dict[str, Any]:
+    """Wait for a non-zero rank to finish; return its final status."""
     while True:
         st = run_status(t, run_id)
         if st and st.get("state") in ("finished", "lost"):
-            return int(st.get("exit_code") if st.get("exit_code") is not None else SSH_LOST)
+            return st
         time.sleep(poll)
+
+
+def wait_exit(t: Transport, run_id: str, poll: float = 1.0) -> int:
+    """Wait for a non-zero rank to finish; return its exit code."""
+    return _exit_of(wait_status(t, run_id, poll))
 
 
 # -- pull / logs / runs / cancel -------------------------------------------------------------
@@ -540,27 +741,39 @@ def local_run_dir(paths: Paths, job: str, run_id: str) -> Path:
     return paths.runs / job / run_id
 
 
-def pull_run(paths: Paths, record: RunRecord, ts: list[Transport], codes: list[int] | None = None) -> Path:
-    """Copy outputs and logs home into runs/<job>/<run-id>/ and write run.json; never overwrite."""
+def pull_run(
+    paths: Paths,
+    record: RunRecord,
+    ts: list[Transport],
+    codes: list[int] | None = None,
+    statuses: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Copy outputs and logs home into runs/<job>/<run-id>/ and write run.json; never overwrite.
+
+    One rsync per node (rank 0: its outputs and log together); statuses already known are not asked
+    for again.
+    """
     dest = local_run_dir(paths, record.job, record.run_id)
     if dest.exists():
         raise UserError(f"{dest} already exists; it is never overwritten: move it away to pull {record.run_id} again")
     tmp = dest.with_name(f".{dest.name}.partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    statuses = []
+    if tmp.exists():
+        shutil.rmtree(tmp)  # an earlier pull that was interrupted: ours, never the user's
+    tmp.mkdir(parents=True)
     for rank, t in enumerate(ts):
         src = f"{t.node.workdir}/runs/{record.run_id}/"
         if rank == 0:
-            run(
-                t.rsync(t.target(run_outputs(t.node.workdir, record.run_id) + "/"), f"{tmp}/", stats=False),
-                capture=True,
-            )
-            run(t.rsync(t.target(src + "log"), str(tmp / "log"), stats=False), capture=True)
-        if len(ts) > 1:
-            (tmp / "logs").mkdir(exist_ok=True)
+            argv = t.rsync(t.target(run_outputs(t.node.workdir, record.run_id) + "/"), f"{tmp}/", stats=False)
+            argv.insert(-1, t.target(src + "log"))
+            run(argv, capture=True)
+            if len(ts) > 1:
+                (tmp / "logs").mkdir(exist_ok=True)
+                shutil.copyfile(tmp / "log", tmp / "logs" / "node-0.log")
+        else:
             run(t.rsync(t.target(src + "log"), str(tmp / "logs" / f"node-{rank}.log"), stats=False), capture=True)
-        statuses.append(run_status(t, record.run_id) or {})
-    info = _run_json(record, statuses, codes)
+    known = list(statuses or [])
+    full = [known[i] if i < len(known) and known[i] else (run_status(t, record.run_id) or {}) for i, t in enumerate(ts)]
+    info = _run_json(record, full, codes)
     atomic_write(tmp / "run.json", json.dumps(info, indent=2))
     os.replace(tmp, dest)
     return dest
@@ -595,7 +808,11 @@ def _run_json(record: RunRecord, statuses: list[dict[str, Any]], codes: list[int
         "duration_s": duration,
         "exit_code": first_bad,
         "exit_codes": codes,
-        "estimated_cost_usd": round(price * len(record.nodes) * duration / 3600, 4) if price and duration else None,
+        "estimated_cost_usd": (
+            round(price * len(record.nodes) * duration / 3600, 4)
+            if price is not None and duration is not None
+            else None
+        ),
     }
 
 
@@ -614,9 +831,9 @@ def pull(ws: Workspace, run_id: str | None) -> Path:
         )
     if st.get("state") == "running":
         raise UserError(
-            f"run {record.run_id} is still running; wait with `inv logs {record.run_id} --follow`, then pull"
+            f"run {record.run_id} is still running; wait with `inv logs --run {record.run_id} --follow`, then pull"
         )
-    return pull_run(ws.paths, record, ts)
+    return pull_run(ws.paths, record, ts, statuses=[st])
 
 
 def logs(ws: Workspace, run_id: str | None, follow_log: bool = False, follow: bool | None = None) -> int:
@@ -635,9 +852,9 @@ def logs(ws: Workspace, run_id: str | None, follow_log: bool = False, follow: bo
     if st.get("state") == "running" and not follow_log:
         res = run(ts[0].argv(remote(["cat", st["log"]])), capture=True, check=False)
         sys.stdout.write(res.stdout)
-        echo(f"run {record.run_id} is still running: `inv logs {record.run_id} --follow` to keep watching")
+        echo(f"run {record.run_id} is still running: `inv logs --run {record.run_id} --follow` to keep watching")
         return 0
-    code = follow(ts[0], record.run_id)
+    code = _stream(ts[0], record.run_id)[0]  # `follow` is the flag here
     echo(f"run {record.run_id}: exit code {code}")
     return code
 

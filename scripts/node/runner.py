@@ -708,6 +708,7 @@ def cmd_follow(args: argparse.Namespace) -> int:
     pos = args.offset
     f = None
     lost_since = None
+    sleep = 0.01
 
     def drain() -> bool:
         nonlocal pos
@@ -728,10 +729,13 @@ def cmd_follow(args: argparse.Namespace) -> int:
                 f = open(log_path, "rb")  # noqa: SIM115 - kept open while following
                 f.seek(pos)
             if drain():
+                sleep = 0.02
                 continue
             info = run_info(layout, args.run_id)
             if info["state"] == "finished":
                 drain()  # anything written between the last read and the exit
+                if args.status_json:
+                    status_line(info)
                 if not args.quiet:
                     note(f"run {args.run_id} finished with exit code {info['exit_code']}")
                 return info["exit_code"]
@@ -740,11 +744,15 @@ def cmd_follow(args: argparse.Namespace) -> int:
                 lost_since = lost_since or time.time()
                 if time.time() - lost_since > 3:
                     drain()
+                    if args.status_json:
+                        status_line(info)
                     note(f"run {args.run_id} was lost: its process is gone and no exit code was recorded")
                     return EXIT_LOST
             else:
                 lost_since = None
-            time.sleep(args.poll)
+            # Short runs end quickly after a quick look; long quiet ones are polled every --poll s.
+            time.sleep(min(args.poll, sleep))
+            sleep = min(args.poll, sleep * 2)
     except BrokenPipeError:
         # The ssh side went away; nothing left to tell.
         with contextlib.suppress(OSError):
@@ -753,6 +761,12 @@ def cmd_follow(args: argparse.Namespace) -> int:
     finally:
         if f is not None:
             f.close()
+
+
+def status_line(info: dict) -> None:
+    """The run's final status as one JSON line on stderr (saves the laptop a `status` round trip)."""
+    sys.stderr.write(json.dumps(public(info), sort_keys=True) + "\n")
+    sys.stderr.flush()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -824,6 +838,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_idle(args: argparse.Namespace) -> int:
+    """Exit 3 (with the active run's id) while a run is active: checked before a sync touches the job."""
+    active = current_active(Layout(args.base), clean=False)
+    if active is not None:
+        raise RunnerError(
+            f"run {active.get('run_id')} is still active (pid {active.get('pid')}); cancel it or wait for it to finish",
+            EXIT_BUSY,
+        )
+    return EXIT_OK
+
+
 def cmd_log_path(args: argparse.Namespace) -> int:
     layout = Layout(args.base)
     print(os.path.join(require_run(layout, args.run_id), "log"))
@@ -841,7 +866,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="runner", description="Run a remotefit job on this node, detached from ssh.")
-    sub = p.add_subparsers(dest="command", metavar="{start,follow,status,cancel,log-path}")
+    sub = p.add_subparsers(dest="command", metavar="{start,follow,status,cancel,idle,log-path}")
     sub.required = True
 
     def add(name: str, help_text: str | None, run_id: str = "required") -> argparse.ArgumentParser:
@@ -867,6 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--offset", type=int, default=0, help="byte offset to resume from")
     sp.add_argument("--poll", type=float, default=0.2, help="seconds between checks")
     sp.add_argument("-q", "--quiet", action="store_true", help="no closing note on stderr")
+    sp.add_argument("--status-json", action="store_true", help="end with the run's status as a JSON line on stderr")
     sp.set_defaults(func=cmd_follow)
 
     sp = add("status", "JSON status of one run or of all runs", run_id="optional")
@@ -875,6 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("cancel", "SIGTERM (then SIGKILL) a run's process group", run_id="optional")
     sp.add_argument("--grace", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL")
     sp.set_defaults(func=cmd_cancel)
+
+    sp = add("idle", "exit 0 when no run is active, else 3 naming the active run", run_id="none")
+    sp.set_defaults(func=cmd_idle)
 
     sp = add("log-path", "print the path of a run's log")
     sp.set_defaults(func=cmd_log_path)

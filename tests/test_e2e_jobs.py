@@ -1,0 +1,386 @@
+"""Jobs end to end: the real `inv` tasks against two sandbox nodes (real sshd, ssh and rsync on loopback).
+
+One module-scoped project with two nodes serves every test (one apply, destroyed at the end); each test
+writes its own small throwaway job folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import INV, ROOT, Project, make_project, needs_tools
+
+pytestmark = needs_tools
+
+RUN_JSON_KEYS = {
+    "job",
+    "command",
+    "arguments",
+    "git_commit",
+    "node_type",
+    "node_count",
+    "market",
+    "start",
+    "end",
+    "duration_s",
+    "exit_code",
+    "estimated_cost_usd",
+}
+
+TRAIN = """\
+import os, sys
+os.makedirs("outputs", exist_ok=True)
+with open("outputs/result.txt", "w") as f:
+    f.write("hello from " + os.environ["REMOTEFIT_RUN_ID"])
+print("args", sys.argv[1:])
+print("env", sorted(k for k in os.environ if k.startswith("REMOTEFIT_")))
+sys.exit(int(os.environ.get("CODE", "0")))
+"""
+
+TICKS = """\
+import sys, time
+for i in range({n}):
+    print("tick", i, flush=True)
+    time.sleep({pause})
+print("done", flush=True)
+sys.exit({code})
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(module_project: Project):
+    p = module_project
+    p.inv("backend", timeout=300)
+    p.inv("apply", "--yes", "--nodes", "2", timeout=300)
+    yield p
+    p.inv("destroy", "--yes", check=False, timeout=300)
+
+
+def make_job(base: Path, name: str, files: dict[str, str]) -> Path:
+    job = base / name
+    for rel, text in files.items():
+        f = job / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    job.mkdir(parents=True, exist_ok=True)
+    return job
+
+
+def results_dir(res: subprocess.CompletedProcess[str]) -> Path:
+    m = re.search(r"results in (\S+)", res.stderr)
+    assert m, res.stderr
+    return Path(m.group(1))
+
+
+def run_id_of(text: str) -> str:
+    m = re.search(r"run (\S+) started", text)
+    assert m, text
+    return m.group(1)
+
+
+def ssh(p: Project, node: str, command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ssh", "-F", str(p.generated / "ssh_config"), node, command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def workdir(p: Project, index: int = 0) -> str:
+    return json.loads((p.generated / "nodes.json").read_text())["nodes"][index]["workdir"]
+
+
+def one_error_line(res: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert res.returncode != 0, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = [x for x in res.stderr.strip().splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, res.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def start_bg(p: Project, *args: str, out: Path) -> subprocess.Popen[bytes]:
+    """`inv ARGS` in its own process group, stdout/stderr to files (read while it runs)."""
+    return subprocess.Popen(
+        [INV, *args],
+        cwd=ROOT,
+        env=p.env,
+        stdin=subprocess.DEVNULL,
+        stdout=(out.with_suffix(".out")).open("wb"),
+        stderr=(out.with_suffix(".err")).open("wb"),
+        start_new_session=True,
+    )
+
+
+def wait_for(path: Path, needle: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if needle in text:
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"{needle!r} not in {path} after {timeout}s:\n{text}")
+
+
+# -- fit, outputs, exit codes ---------------------------------------------------------------
+def test_fit_pulls_outputs_log_and_run_json(cluster: Project, tmp_path: Path):
+    job = make_job(tmp_path, "hello", {"train.py": TRAIN})
+    res = cluster.inv("fit", str(job), "--nodes", "1", "--", "--lr", "0.1", "--name", "a-b")
+    d = results_dir(res)
+    assert d.parent == cluster.runs / "hello" and d.name.startswith("hello-")
+    assert (d / "result.txt").read_text() == f"hello from {d.name}"
+    log = (d / "log").read_text()
+    assert "args ['--lr', '0.1', '--name', 'a-b']" in log
+    for key in (
+        "REMOTEFIT_RUN_ID",
+        "REMOTEFIT_JOB",
+        "REMOTEFIT_NODE_RANK",
+        "REMOTEFIT_NUM_NODES",
+        "REMOTEFIT_NODE_IPS",
+        "REMOTEFIT_MASTER_ADDR",
+        "REMOTEFIT_MASTER_PORT",
+        "REMOTEFIT_GPUS_PER_NODE",
+        "REMOTEFIT_OUTPUTS",
+    ):
+        assert key in log, key
+    info = json.loads((d / "run.json").read_text())
+    assert set(info) >= RUN_JSON_KEYS, RUN_JSON_KEYS - set(info)
+    assert info["job"] == "hello" and info["command"] == "python train.py"
+    assert info["arguments"] == ["--lr", "0.1", "--name", "a-b"]
+    assert info["git_commit"] is None  # tmp_path is outside any git repository
+    assert info["node_type"] == "c7i.xlarge" and info["node_count"] == 1 and info["market"] == "on-demand"
+    assert info["exit_code"] == 0 and info["start"] and info["end"] and info["duration_s"] is not None
+    assert isinstance(info["estimated_cost_usd"], float)
+    # outputs/ on the node is a link to this run's own outputs folder.
+    link = ssh(cluster, "rf-test-0", f"readlink {workdir(cluster)}/jobs/hello/outputs").stdout.strip()
+    assert link.endswith(f"/outputs/{d.name}"), link
+
+    # A run folder that exists locally is never overwritten; its content stays as it is.
+    (d / "mine.txt").write_text("do not touch")
+    before = {f.name: f.read_bytes() for f in d.iterdir()}
+    again = cluster.inv("pull", "--run", d.name, check=False)
+    one_error_line(again, "already exists", "never overwritten")
+    assert {f.name: f.read_bytes() for f in d.iterdir()} == before
+
+
+def test_exit_code_is_passed_on_and_outputs_still_pulled(cluster: Project, tmp_path: Path):
+    job = make_job(tmp_path, "fails", {"train.py": TRAIN})
+    res = cluster.inv("fit", str(job), "--nodes", "1", "--cmd", "CODE=3 python train.py", check=False)
+    assert res.returncode == 3, res.stderr
+    d = results_dir(res)
+    assert (d / "result.txt").exists() and (d / "log").exists()
+    assert json.loads((d / "run.json").read_text())["exit_code"] == 3
+
+
+def test_local_gives_the_same_layout(cluster: Project, tmp_path: Path):
+    job = make_job(tmp_path, "here", {"train.py": TRAIN})
+    res = cluster.inv("fit", str(job), "--local", "--", "--x", "1")
+    d = results_dir(res)
+    assert d.parent == cluster.runs / "here"
+    assert (d / "result.txt").read_text() == f"hello from {d.name}"
+    assert "args ['--x', '1']" in (d / "log").read_text()
+    info = json.loads((d / "run.json").read_text())
+    assert set(info) >= RUN_JSON_KEYS and info["exit_code"] == 0 and info["local"] is True
+
+
+# -- what a sync sends ------------------------------------------------------------------------
+def test_sync_names_symlinks_and_ignores(cluster: Project, tmp_path: Path):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("outside the job")
+    job = make_job(
+        tmp_path,
+        "files",
+        {
+            "train.py": "print('hi')\n",
+            "my data/ünïcødé file.txt": "unicode",
+            "with space.txt": "space",
+            "data.txt": "data",
+            ".gitignore": "*.log\nbig/\n",
+            ".remotefitignore": "private/\n",
+            "run.log": "ignored by .gitignore",
+            "big/blob.bin": "ignored by .gitignore",
+            "private/key.txt": "ignored by .remotefitignore",
+            "sub/.gitignore": "local-only.txt\n",
+            "sub/local-only.txt": "ignored by sub/.gitignore",
+            "sub/kept.txt": "kept",
+            ".git/HEAD": "ref: refs/heads/main\n",
+            "__pycache__/train.cpython-311.pyc": "x",
+            "pkg/__pycache__/m.cpython-311.pyc": "x",
+            ".venv/bin/python": "x",
+        },
+    )
+    (job / "link_out").symlink_to(outside)
+    (job / "link_in").symlink_to("data.txt")
+    res = cluster.inv("sync", str(job), "--nodes", "1")
+    assert "rf-test-0:" in res.stderr and "rf-test-1:" not in res.stderr
+    listing = ssh(cluster, "rf-test-0", f"cd {workdir(cluster)}/jobs/files && find . -mindepth 1 | sort")
+    names = set(listing.stdout.splitlines())
+    assert "./my data/ünïcødé file.txt" in names and "./with space.txt" in names, names
+    cat = ssh(cluster, "rf-test-0", f"cat '{workdir(cluster)}/jobs/files/my data/ünïcødé file.txt'")
+    assert cat.stdout == "unicode"
+    assert "./link_out" not in names  # --safe-links: points outside the folder
+    assert "./link_in" in names
+    assert "./sub/kept.txt" in names and "./sub/local-only.txt" not in names
+    for gone in ("./run.log", "./big", "./private", "./.git", "./__pycache__", "./pkg/__pycache__", "./.venv"):
+        assert gone not in names, gone
+
+
+def test_resync_sends_only_the_changed_file(cluster: Project, tmp_path: Path):
+    job = tmp_path / "many"
+    for i in range(2000):
+        d = job / f"d{i // 100:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i:04d}.txt").write_bytes(os.urandom(64))
+    (job / "train.py").write_text("print('hi')\n")
+    first = cluster.inv("sync", str(job), "--nodes", "1")
+    assert "rf-test-0: 2001 of 2001 files transferred" in first.stderr, first.stderr
+    same = cluster.inv("sync", str(job), "--nodes", "1")
+    assert "rf-test-0: 0 of 2001 files transferred" in same.stderr, same.stderr
+    (job / "d07" / "f0700.txt").write_bytes(os.urandom(50_000))
+    second = cluster.inv("sync", str(job), "--nodes", "1")
+    m = re.search(r"rf-test-0: (\d+) of 2001 files transferred, (\d+) bytes sent", second.stderr)
+    assert m, second.stderr
+    assert int(m.group(1)) == 1
+    assert 50_000 <= int(m.group(2)) < 50_000 * 1.1 + 60_000  # the file, plus the file list of 2,000 names
+
+
+# -- detached runs: dropped connections, Ctrl-C, one run at a time ---------------------------
+def test_dropped_connection_and_killed_client(cluster: Project, tmp_path: Path):
+    job = make_job(tmp_path, "ticks", {"train.py": TICKS.format(n=12, pause=0.4, code=7)})
+    proc = start_bg(cluster, "fit", str(job), "--nodes", "1", out=tmp_path / "a")
+    wait_for(tmp_path / "a.out", "tick 1")
+    # Kill the shared ssh connection under the running follow: it reconnects, nothing is repeated.
+    subprocess.run(["ssh", "-F", str(cluster.generated / "ssh_config"), "-O", "exit", "rf-test-0"], check=False)
+    assert proc.wait(timeout=90) == 7
+    out = (tmp_path / "a.out").read_text()
+    assert out.count("tick 1\n") == 1 and "done" in out, out
+    assert (results_dir_from(tmp_path / "a.err") / "log").exists()
+
+    # Kill the `inv fit` client itself: the job goes on and `inv logs --follow` gets the rest and its code.
+    proc = start_bg(cluster, "fit", str(job), "--nodes", "1", out=tmp_path / "b")
+    err = wait_for(tmp_path / "b.err", "started")
+    wait_for(tmp_path / "b.out", "tick 1")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    run_id = run_id_of(err)
+    res = cluster.inv("logs", "--run", run_id, "--follow", check=False, timeout=90)
+    assert res.returncode == 7, res.stderr
+    assert "tick 11" in res.stdout and "done" in res.stdout
+    assert "exit code 7" in res.stderr
+
+
+def results_dir_from(err_file: Path) -> Path:
+    m = re.search(r"results in (\S+)", err_file.read_text())
+    assert m, err_file.read_text()
+    return Path(m.group(1))
+
+
+def test_ctrl_c_detaches_and_the_run_completes(cluster: Project, tmp_path: Path):
+    job = make_job(tmp_path, "ctrlc", {"train.py": TICKS.format(n=8, pause=0.4, code=0)})
+    proc = start_bg(cluster, "fit", str(job), "--nodes", "1", out=tmp_path / "c")
+    err = wait_for(tmp_path / "c.err", "started")
+    wait_for(tmp_path / "c.out", "tick 0")
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    assert proc.wait(timeout=30) == 130
+    err = (tmp_path / "c.err").read_text()
+    run_id = run_id_of(err)
+    assert "Traceback" not in err
+    assert f"inv logs --run {run_id} --follow" in err and f"inv cancel --run {run_id}" in err, err
+    res = cluster.inv("logs", "--run", run_id, "--follow", timeout=90)
+    assert "done" in res.stdout and "exit code 0" in res.stderr
+    pulled = cluster.inv("pull", "--run", run_id)
+    assert (Path(pulled.stdout.strip()) / "run.json").exists()
+
+
+def test_second_fit_is_refused_while_one_is_active(cluster: Project, tmp_path: Path):
+    job = make_job(tmp_path, "sleepy", {"train.py": "import time\ntime.sleep(20)\n"})
+    first = cluster.inv("fit", str(job), "--nodes", "1", "--detach")
+    run_id = run_id_of(first.stderr)
+    assert f"inv logs --run {run_id} --follow" in first.stderr
+    link = f"{workdir(cluster)}/jobs/sleepy/outputs"
+    before = ssh(cluster, "rf-test-0", f"readlink {link}").stdout
+    (job / "train.py").write_text("print('changed')\n")
+    second = cluster.inv("fit", str(job), "--nodes", "1", check=False)
+    line = one_error_line(second, run_id, "still active")
+    assert second.returncode == 3, line
+    # Nothing of the active run was touched: not its code, not its outputs link.
+    assert ssh(cluster, "rf-test-0", f"readlink {link}").stdout == before
+    code = ssh(cluster, "rf-test-0", f"cat {workdir(cluster)}/jobs/sleepy/train.py").stdout
+    assert "sleep(20)" in code
+    res = cluster.inv("cancel", "--run", run_id)
+    assert "cancelled" in res.stdout
+
+
+# -- two nodes, torch.distributed ---------------------------------------------------------------
+DIST_TRAIN = """\
+import json, os
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+t = torch.tensor([float(rank + 1)])
+dist.all_reduce(t)
+print(f"rank {rank}/{world} node {os.environ['REMOTEFIT_NODE_RANK']} all_reduce {t.item()}", flush=True)
+os.makedirs("outputs", exist_ok=True)
+with open(f"outputs/rank{rank}.json", "w") as f:
+    json.dump({"rank": rank, "world": world, "sum": t.item()}, f)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_torch_distributed_on_two_nodes(cluster: Project, tmp_path: Path):
+    job = make_job(
+        tmp_path,
+        "dist",
+        {"train.py": DIST_TRAIN, "job.toml": 'distributed = true\nenv = { OMP_NUM_THREADS = "1" }\n'},
+    )
+    res = cluster.inv("fit", str(job), "--nodes", "2", timeout=240)
+    d = results_dir(res)
+    assert json.loads((d / "rank0.json").read_text()) == {"rank": 0, "world": 2, "sum": 3.0}
+    node0, node1 = (d / "logs" / "node-0.log").read_text(), (d / "logs" / "node-1.log").read_text()
+    assert "rank 0/2 node 0 all_reduce 3.0" in node0, node0
+    assert "rank 1/2 node 1 all_reduce 3.0" in node1, node1
+    info = json.loads((d / "run.json").read_text())
+    assert info["node_count"] == 2 and info["exit_code"] == 0 and info["exit_codes"] == [0, 0]
+
+
+# -- bad inputs: one line, non-zero, no traceback ----------------------------------------------
+def test_bad_inputs(cluster: Project, tmp_path: Path):
+    ok = make_job(tmp_path, "ok", {"train.py": TRAIN})
+    empty = make_job(tmp_path, "empty", {"notes.txt": "no train.py"})
+    broken = make_job(tmp_path, "broken", {"job.toml": 'command = "python x.py"\nsetup = [\n', "x.py": ""})
+    typo = make_job(tmp_path, "typo", {"job.toml": 'comand = "python x.py"\n', "x.py": ""})
+    cases = [
+        (("fit", str(tmp_path / "missing")), ("does not exist",)),
+        (("fit", str(ok / "train.py")), ("is a file",)),
+        (("fit", str(empty)), ("no train.py", "--cmd")),
+        (("fit", str(broken)), (f"{broken}/job.toml:2", "not valid TOML")),
+        (("fit", str(typo)), ("unknown key 'comand'", "did you mean command")),
+        (("fit", str(ok), "--gpu"), ("--gpu", "CPU", "inv apply --gpu")),
+        (("fit", str(ok), "--nodes", "3"), ("--nodes 3", "only 2", "inv apply --nodes 3")),
+        (("pull", "--run", "no-such-run"), ("unknown run id no-such-run",)),
+        (("logs", "--run", "no-such-run"), ("unknown run id no-such-run",)),
+    ]
+    for args, needles in cases:
+        one_error_line(cluster.inv(*args, check=False), *needles)
+    assert not (cluster.runs / "ok").exists()  # nothing ran
+
+
+def test_fit_with_no_nodes_says_to_apply(tmp_path: Path):
+    p = make_project(tmp_path / "bare")
+    job = make_job(tmp_path, "j", {"train.py": TRAIN})
+    one_error_line(p.inv("fit", str(job), check=False), "no nodes", "inv apply")
+    one_error_line(p.inv("sync", str(job), check=False), "no nodes", "inv apply")

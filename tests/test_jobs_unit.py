@@ -1,0 +1,234 @@
+"""remotefit.jobs without nodes: the job contract, commands, environment, rsync filters and summaries."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from remotefit import jobs
+from remotefit.errors import UserError
+from remotefit.ssh import Node
+
+
+def node(i: int, ip: str = "") -> Node:
+    return Node(
+        i,
+        f"rf-t-{i}",
+        f"i-{i}",
+        "1.2.3.4",
+        22,
+        "ubuntu",
+        ip,
+        "/home/ubuntu/remotefit",
+        "python3",
+        "c7i.xlarge",
+        "on-demand",
+        "az",
+        "t",
+    )
+
+
+def write(folder: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# -- load_job -----------------------------------------------------------------------------------
+def test_load_job_defaults_to_train_py(tmp_path: Path):
+    job = jobs.load_job(write(tmp_path / "j", {"train.py": ""}))
+    assert job.command == "python train.py" and job.name == "j" and job.outputs == "outputs"
+    assert job.requirements is None and not job.gpu and not job.distributed
+
+
+def test_load_job_reads_job_toml_and_cmd_wins(tmp_path: Path):
+    d = write(
+        tmp_path / "j",
+        {
+            "job.toml": textwrap_toml(),
+            "requirements.txt": "numpy\n",
+        },
+    )
+    job = jobs.load_job(d)
+    assert job.command == "python main.py --fast"
+    assert job.setup == "echo hi" and job.outputs == "out" and job.exclude == ["data/"]
+    assert job.env == {"A": "1", "B": "x"} and job.gpu and job.distributed
+    assert job.requirements == "requirements.txt"
+    assert jobs.load_job(d, cmd="python other.py").command == "python other.py"
+
+
+def textwrap_toml() -> str:
+    return (
+        'command = "python main.py --fast"\nsetup = "echo hi"\noutputs = "out/"\nexclude = ["data/"]\n'
+        'env = { A = 1, B = "x" }\ngpu = true\ndistributed = true\n'
+    )
+
+
+@pytest.mark.parametrize(
+    ("files", "target", "needles"),
+    [
+        ({}, "missing", ["does not exist"]),
+        ({"j/train.py": ""}, "j/train.py", ["is a file"]),
+        ({"j/notes.txt": ""}, "j", ["no train.py", "--cmd"]),
+        ({"j/job.toml": 'command = "x"\n\nsetup = [\n'}, "j", ["job.toml:3:", "not valid TOML"]),
+        ({"j/job.toml": "a = 1\nb = \nc = 2\n"}, "j", ["job.toml:2:"]),
+        ({"j/job.toml": 'comand = "x"\n'}, "j", ["unknown key 'comand'", "did you mean command?"]),
+        ({"j/job.toml": 'command = "x"\nzzz = 1\n'}, "j", ["unknown key 'zzz'", "known keys:"]),
+        ({"j/job.toml": 'command = "x"\nenv = 3\n'}, "j", ["wrong type"]),
+    ],
+)
+def test_load_job_errors_are_one_clear_line(tmp_path: Path, files: dict[str, str], target: str, needles: list[str]):
+    write(tmp_path, files)
+    with pytest.raises(UserError) as err:
+        jobs.load_job(tmp_path / target)
+    msg = err.value.message
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, msg
+
+
+# -- launch_command and job_env ------------------------------------------------------------------
+def make(tmp_path: Path, toml: str = "") -> jobs.Job:
+    return jobs.load_job(write(tmp_path / "j", {"train.py": "", "job.toml": toml}))
+
+
+def test_launch_command_plain_quotes_extra_args(tmp_path: Path):
+    job = make(tmp_path)
+    cmd = jobs.launch_command(job, ["--name", "a b", "it's"], [node(0)], 0, 0)
+    assert shlex.split(cmd) == ["python", "train.py", "--name", "a b", "it's"]
+
+
+def test_launch_command_distributed_single_process_is_not_rewritten(tmp_path: Path):
+    job = make(tmp_path, "distributed = true\n")
+    assert jobs.launch_command(job, [], [node(0)], 0, 0) == "python train.py"
+
+
+def test_launch_command_torchrun_over_nodes(tmp_path: Path):
+    job = make(tmp_path, 'distributed = true\ncommand = "python train.py --epochs 2"\n')
+    ns = [node(0, "10.0.0.5"), node(1, "10.0.0.6")]
+    words = shlex.split(jobs.launch_command(job, ["--lr", "0.1"], ns, 1, 4, master_port=29777))
+    assert words[:3] == ["python", "-m", "torch.distributed.run"]
+    assert "--nnodes=2" in words and "--node_rank=1" in words and "--nproc_per_node=4" in words
+    assert "--master_addr=10.0.0.5" in words and "--master_port=29777" in words
+    assert words[-5:] == ["train.py", "--epochs", "2", "--lr", "0.1"]
+
+
+def test_launch_command_torchrun_on_one_multi_gpu_node(tmp_path: Path):
+    job = make(tmp_path, "distributed = true\n")
+    words = shlex.split(jobs.launch_command(job, [], [node(0)], 0, 8))
+    assert "--nproc_per_node=8" in words and "--nnodes=1" in words
+
+
+def test_launch_command_non_python_is_left_alone(tmp_path: Path):
+    job = make(tmp_path, 'distributed = true\ncommand = "bash run.sh"\n')
+    assert jobs.launch_command(job, ["x"], [node(0), node(1)], 0, 0) == "bash run.sh x"
+
+
+def test_job_env(tmp_path: Path):
+    job = make(tmp_path, 'env = { OMP_NUM_THREADS = "2" }\n')
+    ns = [node(0, "10.0.0.5"), node(1, "10.0.0.6")]
+    env = jobs.job_env(job, "j-1", ns, 1, 4, "/w/outputs/j-1", master_port=29600)
+    assert env["OMP_NUM_THREADS"] == "2"
+    assert env["REMOTEFIT_RUN_ID"] == "j-1" and env["REMOTEFIT_JOB"] == "j"
+    assert env["REMOTEFIT_NODE_RANK"] == "1" and env["REMOTEFIT_NUM_NODES"] == "2"
+    assert env["REMOTEFIT_NODE_IPS"] == "10.0.0.5,10.0.0.6" and env["REMOTEFIT_MASTER_ADDR"] == "10.0.0.5"
+    assert env["REMOTEFIT_MASTER_PORT"] == "29600" and env["REMOTEFIT_GPUS_PER_NODE"] == "4"
+    assert env["REMOTEFIT_OUTPUTS"] == "/w/outputs/j-1"
+    assert jobs.job_env(job, "j-1", [node(0)], 0, 0, "o")["REMOTEFIT_MASTER_ADDR"] == "127.0.0.1"
+
+
+def test_master_port_is_per_run_and_in_range():
+    ports = {jobs.master_port_for(f"job-{i}") for i in range(200)}
+    assert all(29500 <= p < 30000 for p in ports) and len(ports) > 100
+    assert jobs.master_port_for("a") == jobs.master_port_for("a")
+
+
+# -- rsync filters and summaries ----------------------------------------------------------------
+def test_filter_args(tmp_path: Path):
+    job = make(tmp_path, 'outputs = "results"\nexclude = ["data/", "*.ckpt"]\n')
+    filters, excludes = jobs.filter_args(job)
+    assert filters == ["--filter=:- .gitignore", "--filter=:- .remotefitignore"]
+    for e in (".git/", ".venv/", "__pycache__/", "/results/", "data/", "*.ckpt"):
+        assert e in excludes
+
+
+def test_filters_in_a_real_local_rsync(tmp_path: Path):
+    job = jobs.load_job(
+        write(
+            tmp_path / "j",
+            {
+                "train.py": "",
+                ".gitignore": "*.log\n",
+                ".remotefitignore": "data/\n",
+                "a.log": "",
+                "data/x": "",
+                "keep/y": "",
+                ".git/HEAD": "",
+                "__pycache__/t.pyc": "",
+                "outputs/old.txt": "",
+            },
+        )
+    )
+    count, size, largest = jobs.plan_upload(job)
+    names = {n for _, n in largest}
+    assert names == {"train.py", ".gitignore", ".remotefitignore", "keep/y"} and count == 4, largest
+
+
+def test_sync_argv_and_summary(tmp_path: Path):
+    job = make(tmp_path)
+    t = jobs.Transport(node(0), Path("/cfg"))
+    argv = jobs.sync_argv(t, job)
+    assert "--safe-links" in argv and "--delete" in argv and "--stats" in argv
+    assert argv.index("--no-human-readable") > argv.index("--human-readable")
+    rp = next(a for a in argv if a.startswith("--rsync-path="))
+    assert " idle --base " in rp and "[ $? -ne 3 ]" in rp and "mkdir -p /home/ubuntu/remotefit/jobs/j" in rp
+    assert argv[-1] == "rf-t-0:/home/ubuntu/remotefit/jobs/j/"
+    stats = (
+        "Number of files: 2,002 (reg: 2,001, dir: 1)\nNumber of regular files transferred: 1\n"
+        "Total bytes sent: 105,337\n"
+    )
+    assert jobs.sync_summary(stats) == (1, 2001, 105337)
+    assert jobs.sync_summary("") == (0, 0, 0)
+
+
+def test_start_command_ships_runner_and_env(tmp_path: Path):
+    job = make(tmp_path)
+    t = jobs.Transport(node(0), Path("/cfg"))
+    line = jobs.start_command(t, job, "j-1", "python train.py", False, env={"A": "it's"}, then_follow=True)
+    assert "cat > /home/ubuntu/remotefit/.remotefit/runner.py.$$" in line
+    assert "ln -sfn /home/ubuntu/remotefit/outputs/j-1 outputs" in line
+    assert "python3 -S /home/ubuntu/remotefit/.remotefit/runner.py start" in line
+    assert line.endswith("follow --base /home/ubuntu/remotefit --run-id j-1 -q --status-json")
+    assert "--check-cuda" not in line and "--check-cuda" in jobs.start_command(t, job, "j-1", "x", True)
+
+
+def test_start_command_runs_in_a_shell(tmp_path: Path):
+    """The line really works: run it locally with a fake runner that prints its argv and env file."""
+    job = make(tmp_path)
+    base = tmp_path / "base"
+    (base / "jobs" / "j").mkdir(parents=True)
+    n = Node(0, "local", "local", "h", 0, "me", "", str(base), "python3", "local", "local", "local", "t")
+    t = jobs.Transport(n, None)
+    fake = "import json, sys\nargs = sys.argv[1:]\nprint(json.dumps(args))\n"
+    line = jobs.start_command(t, job, "j-1", "python train.py", False, env={"Q": "a 'b' c"})
+    res = subprocess.run(t.argv(line), input=fake, capture_output=True, text=True, check=True)
+    args = json.loads(res.stdout)
+    assert args[0] == "start" and args[args.index("--cmd") + 1] == "python train.py"
+    assert json.loads((base / ".remotefit" / "env-j-1.json").read_text()) == {"Q": "a 'b' c"}
+    assert (base / "jobs" / "j" / "outputs").resolve() == base / "outputs" / "j-1"
+
+
+def test_run_json_cost_and_duration():
+    rec = jobs.RunRecord("r", "j", "/j", "python train.py", ["--x"], [node(0).to_dict()], "t")
+    st = {"started_at": "2026-01-01T00:00:00Z", "ended_at": "2026-01-01T01:00:00Z", "exit_code": 0}
+    info = jobs._run_json(rec, [st], None)
+    assert info["duration_s"] == 3600 and info["estimated_cost_usd"] > 0 and info["exit_code"] == 0
+    zero = jobs._run_json(rec, [{**st, "ended_at": st["started_at"]}], [0])
+    assert zero["duration_s"] == 0 and zero["estimated_cost_usd"] == 0
+    assert jobs._run_json(rec, [st, {"exit_code": 5}], None)["exit_code"] == 5
