@@ -68,6 +68,13 @@ def _spec(ws: Any, **flags: Any) -> Any:
     return resolve_spec(ws, **flags)
 
 
+def _after_dashes(c: Any) -> list[str]:
+    """Arguments after `--`, quoting intact: invoke joins its remainder into one string, so read argv."""
+    if "--" in sys.argv:
+        return sys.argv[sys.argv.index("--") + 1 :]
+    return shlex.split(getattr(c, "remainder", "") or "")
+
+
 def _say(lines: list[str]) -> None:
     for line in lines:
         print(line)
@@ -309,7 +316,7 @@ def fit(c, job, gpu=False, cpu=False, cmd=None, args="", detach=False, nodes=0, 
     """Sync a job, run it on the nodes, stream its log and pull its outputs home."""
     from remotefit import jobs
 
-    extra = shlex.split(args) + shlex.split(getattr(c, "remainder", "") or "")
+    extra = shlex.split(args) + _after_dashes(c)
     ws = None if local else _ws(c)
     code = jobs.fit(
         ws,
