@@ -185,11 +185,11 @@ def test_exit_code_is_passed_on_and_outputs_still_pulled(cluster: Project, tmp_p
 
 def test_local_gives_the_same_layout(cluster: Project, tmp_path: Path):
     job = make_job(tmp_path, "here", {"train.py": TRAIN})
-    res = cluster.inv("fit", str(job), "--local", "--", "--x", "1")
+    res = cluster.inv("fit", str(job), "--local", "--", "--x", "1", "--name", "a b")
     d = results_dir(res)
     assert d.parent == cluster.runs / "here"
     assert (d / "result.txt").read_text() == f"hello from {d.name}"
-    assert "args ['--x', '1']" in (d / "log").read_text()
+    assert "args ['--x', '1', '--name', 'a b']" in (d / "log").read_text()  # quoting survives `--`
     info = json.loads((d / "run.json").read_text())
     assert set(info) >= RUN_JSON_KEYS and info["exit_code"] == 0 and info["local"] is True
 
