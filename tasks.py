@@ -59,9 +59,11 @@ def _number(value: Any, flag: str, kind: type) -> Any:
         raise UserError(f"--{flag} {value!r} is not a {'whole number' if kind is int else 'number'}") from None
 
 
-def _spec(ws: Any, **flags: Any) -> Any:
+def _spec(ws: Any, task_locals: dict[str, Any]) -> Any:
+    """The NodeSpec from a plan/apply task's node flags (the same flags on both)."""
     from remotefit.nodes import resolve_spec
 
+    flags = {k: task_locals[k] for k in NODE_FLAGS_HELP}
     flags["disk_gb"] = _number(flags.get("disk_gb"), "disk-gb", int)
     flags["max_hours"] = _number(flags.get("max_hours"), "max-hours", float)
     flags["idle_minutes"] = _number(flags.get("idle_minutes"), "idle-minutes", int)
@@ -160,19 +162,7 @@ def plan(
     from remotefit import nodes as nd
 
     ws = _ws(c)
-    spec = _spec(
-        ws,
-        gpu=gpu,
-        cpu=cpu,
-        instance_type=instance_type,
-        spot=spot,
-        nodes=nodes,
-        disk_gb=disk_gb,
-        max_hours=max_hours,
-        idle_minutes=idle_minutes,
-        allow_cidr=allow_cidr,
-        i_know=i_know,
-    )
+    spec = _spec(ws, locals())
     nd.plan(ws, spec)
 
 
@@ -203,22 +193,11 @@ def apply(
     from remotefit import nodes as nd
 
     ws = _ws(c)
-    spec = _spec(
-        ws,
-        gpu=gpu,
-        cpu=cpu,
-        instance_type=instance_type,
-        spot=spot,
-        nodes=nodes,
-        disk_gb=disk_gb,
-        max_hours=max_hours,
-        idle_minutes=idle_minutes,
-        allow_cidr=allow_cidr,
-        i_know=i_know,
-    )
+    spec = _spec(ws, locals())
     if not yes:
         _confirm(f"Create {spec.nodes} × {spec.instance_type} ({spec.market}) for stage {ws.stage}?")
-    _say(nd.table(nd.status_rows(ws)) if nd.apply(ws, spec, refresh_ami=refresh_ami) else [])
+    nd.apply(ws, spec, refresh_ami=refresh_ami)
+    _say(nd.table(nd.status_rows(ws)))
     print(f"ssh: ssh -F {ws.paths.ssh_config} {nd.inventory(ws)[0].alias}")
 
 

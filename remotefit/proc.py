@@ -133,3 +133,16 @@ def run_tee(
         # Interrupted: let the child (terraform) finish its own graceful stop before we go.
         proc.wait()
         raise
+
+
+def spawn_daemon(argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a long-lived process in its own session (it outlives this one), output appended to `log`."""
+    with open(log, "ab") as fh:
+        return subprocess.Popen(  # noqa: S603
+            list(argv),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from remotefit.errors import UserError
-from remotefit.proc import atomic_write, echo
+from remotefit.proc import atomic_write, echo, spawn_daemon
 
 SANDBOX_REGION_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 SSHD = "/usr/sbin/sshd"
@@ -112,19 +112,12 @@ class Sandbox:
             return srv
         self.dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
-        log = open(self.dir / "moto.log", "ab")  # noqa: SIM115 - handed to the child
-        env = {**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true", **SANDBOX_REGION_CREDENTIALS}
-        try:
-            proc = subprocess.Popen(  # noqa: S603
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,  # survives the invoke process; stopped by `sandbox.down`
-            )
-        finally:
-            log.close()
+        # Its own session: it survives the invoke process; `sandbox.down` stops it.
+        proc = spawn_daemon(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            self.dir / "moto.log",
+            env={"MOTO_IAM_LOAD_MANAGED_POLICIES": "true", **SANDBOX_REGION_CREDENTIALS},
+        )
         srv = Server(pid=proc.pid, port=port, started_at=time.time())
         deadline = time.monotonic() + 30
         while not _answers(srv.endpoint):
@@ -206,17 +199,7 @@ class Sandbox:
         port = free_port()
         config = sshd_config_text(port, host_key, d / "authorized_keys", d / "sshd.pid", user, instance_id)
         atomic_write(d / "sshd_config", config, mode=0o600)
-        log = open(d / "sshd.log", "ab")  # noqa: SIM115
-        try:
-            proc = subprocess.Popen(  # noqa: S603
-                [SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
+        proc = spawn_daemon([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log")
         node = SandboxNode(instance_id=instance_id, port=port, pid=proc.pid, user=user, workdir=str(home / "remotefit"))
         if endpoint:
             node.watchdog_pid = self._start_watchdog(d, node, endpoint, region, max_hours, idle_minutes)
@@ -256,26 +239,17 @@ class Sandbox:
         }
         atomic_write(d / "watchdog.json", json.dumps(config))
         script = Path(__file__).resolve().parent.parent / "scripts" / "node" / "watchdog.py"
-        log = open(d / "watchdog.log", "ab")  # noqa: SIM115
-        try:
-            proc = subprocess.Popen(  # noqa: S603
-                [
-                    sys.executable,
-                    str(script),
-                    "--config",
-                    str(d / "watchdog.json"),
-                    "--loop",
-                    "15",
-                    "--imds-timeout",
-                    "0.2",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
+        argv = [
+            sys.executable,
+            str(script),
+            "--config",
+            str(d / "watchdog.json"),
+            "--loop",
+            "15",
+            "--imds-timeout",
+            "0.2",
+        ]
+        proc = spawn_daemon(argv, d / "watchdog.log")
         return proc.pid
 
     def self_terminate(self, instance_id: str, endpoint: str, region: str) -> None:
