@@ -8,6 +8,7 @@ sees the same values.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -54,6 +55,11 @@ def resolve_spec(
 ) -> NodeSpec:
     """Turn flags into a NodeSpec; every bad input is one line naming the flag and the fix."""
     d = ws.defaults
+    # invoke passes flags whose default is None as strings: `--max-hours 2` arrives as "2".
+    nodes = int(_number("--nodes", nodes, whole=True))
+    max_hours = None if max_hours is None else _number("--max-hours", max_hours)
+    idle_minutes = None if idle_minutes is None else int(_number("--idle-minutes", idle_minutes, whole=True))
+    disk_gb = None if disk_gb is None else int(_number("--disk-gb", disk_gb, whole=True))
     if gpu and cpu:
         raise UserError("--gpu and --cpu both given; pick one")
     if not gpu and not cpu and instance_type:
@@ -82,6 +88,17 @@ def resolve_spec(
     if allow_cidr:
         allow_cidr = check_cidr(allow_cidr, i_know)
     return NodeSpec(profile, itype, "spot" if spot else "on-demand", nodes, disk, hours, idle, allow_cidr, i_know)
+
+
+def _number(flag: str, value: object, whole: bool = False) -> float:
+    """A numeric flag as a number; anything else is one line naming the flag."""
+    try:
+        num = float(str(value).strip())
+    except ValueError:
+        raise UserError(f"{flag} {value!r} is not a number; give e.g. {flag} 2") from None
+    if num != num or num in (float("inf"), float("-inf")) or (whole and not num.is_integer()):
+        raise UserError(f"{flag} {value!r} must be a {'whole ' if whole else ''}number; give e.g. {flag} 2")
+    return num
 
 
 # -- generated records ------------------------------------------------------------------
@@ -177,6 +194,65 @@ def refresh_tfvars(ws: Workspace) -> Path | None:
     return steps.write_tfvars(ws, saved) if saved else None
 
 
+# -- terraform init, once ---------------------------------------------------------------
+def _init_fingerprint(ws: Workspace, tf: Any) -> str | None:
+    """What `terraform init` depends on, hashed; None when generated/terraform is not initialised."""
+    dot = tf.workdir / ".terraform"
+    if not (dot / "providers").is_dir():
+        return None
+    h = hashlib.sha256(f"{tf.binary}\0{tf.env.get('TF_CLI_CONFIG_FILE', '')}\0".encode())
+    inputs = [ws.paths.backend_file, tf.workdir / "versions.tf", tf.workdir / ".terraform.lock.hcl"]
+    inputs.append(dot / "terraform.tfstate")  # the backend init configured (a hand-run init changes it)
+    if tf.env.get("TF_CLI_CONFIG_FILE"):
+        inputs.append(Path(tf.env["TF_CLI_CONFIG_FILE"]))
+    for f in inputs:
+        try:
+            h.update(f.read_bytes() + b"\0")
+        except OSError:
+            return None
+    return h.hexdigest()
+
+
+def init_once(ws: Workspace, tf: Any) -> None:
+    """Render, check the state bucket, and `terraform init` only when the backend config, provider
+    requirements or CLI config changed since the last init (init costs ~1.2 s per apply and destroy)."""
+    steps.render(ws)
+    steps.require_backend(ws)  # rewrites backend.hcl: the sandbox endpoint may have moved
+    stamp = tf.workdir / ".terraform" / "remotefit-init.sha256"
+    fingerprint = _init_fingerprint(ws, tf)
+    try:
+        if fingerprint and stamp.read_text().strip() == fingerprint:
+            return
+    except OSError:
+        pass
+    tf.init(ws.paths.backend_file)
+    fingerprint = _init_fingerprint(ws, tf)
+    if fingerprint:
+        atomic_write(stamp, fingerprint)
+
+
+def _state_resource_count(ws: Workspace) -> int:
+    """Managed resource instances in the stage's state, read from the bucket (no terraform process)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        obj = ws.client("s3").get_object(Bucket=ws.settings.TF_STATE_BUCKET, Key=steps.state_key(ws.stage))
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return 0
+        raise UserError(
+            f"cannot read the state of stage {ws.stage} from {ws.settings.TF_STATE_BUCKET}: {exc}"
+        ) from None
+    try:
+        state = json.loads(obj["Body"].read() or b"{}")
+    except ValueError:
+        raise UserError(
+            f"the state s3://{ws.settings.TF_STATE_BUCKET}/{steps.state_key(ws.stage)} is not JSON; "
+            "restore an earlier version (the bucket is versioned)"
+        ) from None
+    return sum(len(r.get("instances", [])) for r in state.get("resources", []) if r.get("mode") == "managed")
+
+
 # -- plan / apply -----------------------------------------------------------------------
 def preflight_checks(ws: Workspace, spec: NodeSpec) -> dict[str, list[str]]:
     """Instance types exist, AZs offer them, quotas cover them. Returns {type: [azs]} to try."""
@@ -237,18 +313,21 @@ def apply(ws: Workspace, spec: NodeSpec, refresh_ami: bool = False, wait: bool =
         values = node_variables(ws, spec, cand.az, cand.instance_type, cand.market, refresh_ami)
         steps.write_tfvars(ws, values)
         if not tried:
-            steps.init(ws, tf)
+            init_once(ws, tf)
         echo(f"apply: {spec.nodes} × {cand.instance_type} ({cand.market}) in {cand.az}")
         try:
             tf.apply(ws.paths.tfvars(ws.settings))
         except UserError as exc:
             kind = preflight.classify_launch_error(exc.message)
             if kind != "capacity":
+                # e.g. another run holds the state lock: leave the tfvars as the last good apply wrote them
+                refresh_tfvars(ws)
                 raise
             tried.append(f"{cand.instance_type}/{cand.market}/{cand.az}: {exc.message}")
             echo(f"apply: no capacity for {cand.instance_type} ({cand.market}) in {cand.az}; trying the next option")
             continue
         atomic_write(_vars_file(ws), json.dumps(values, indent=2))
+        steps.write_tfvars(ws, values)  # a concurrent, failed apply may have overwritten them meanwhile
         nodes = _record_nodes(ws, tf)
         if wait:
             wait_ready(ws, nodes, gpu=spec.profile == "gpu")
@@ -487,11 +566,8 @@ def destroy(ws: Workspace) -> list[str]:
     nodes = inventory(ws)
     spent = _spent(ws, nodes)
     tf = steps.terraform(ws)
-    steps.render(ws)
-    steps.require_backend(ws)
-    tf.init(ws.paths.backend_file)
-    listed = run([tf.binary, "state", "list"], cwd=tf.workdir, env=tf.env, capture=True, check=False).stdout.split()
-    state = [r for r in listed if not r.startswith("data.")]
+    init_once(ws, tf)
+    state = _state_resource_count(ws)
     if not state:
         lines.append(f"nothing to destroy: stage {ws.stage} has no resources in its state")
     else:
@@ -502,7 +578,7 @@ def destroy(ws: Workspace) -> list[str]:
         for n in nodes:
             run(ssh_close_argv(ws.paths.ssh_config, n.alias), capture=True, check=False)
         tf.destroy(ws.paths.tfvars(ws.settings))
-        lines.append(f"destroyed {len(state)} resource(s) of stage {ws.stage}")
+        lines.append(f"destroyed {state} resource(s) of stage {ws.stage}")
     ws.forget_unreached(set())
     for f in (_inventory_file(ws), ws.paths.ssh_config):
         f.unlink(missing_ok=True)

@@ -1,0 +1,253 @@
+"""Unit tests for remotefit/nodes.py: every bad flag is one line before any API call, quotas stop a run
+before Terraform, and capacity errors walk every AZ / fallback type / market and leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from remotefit import nodes
+from remotefit.config import Defaults, Paths, Settings
+from remotefit.errors import UserError
+from remotefit.workspace import Workspace
+
+SETTINGS_KEYS = ("AWS_ACCOUNT", "AWS_REGION", "STAGE", "TF_STATE_BUCKET", "AWS_PROFILE", "TARGET")
+
+
+@pytest.fixture
+def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
+    for k in SETTINGS_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("REMOTEFIT_GENERATED", str(tmp_path / "generated"))
+    settings = Settings(
+        AWS_ACCOUNT="testacct", AWS_REGION="us-east-1", STAGE="test", TF_STATE_BUCKET="remotefit-test-state"
+    )
+    return Workspace(root=tmp_path, defaults={}, settings=settings)
+
+
+def one_line_error(exc: pytest.ExceptionInfo[UserError]) -> str:
+    msg = exc.value.message
+    assert "\n" not in msg, msg
+    assert "Traceback" not in msg
+    assert exc.value.code != 0
+    return msg
+
+
+# -- resolve_spec: bad flags ------------------------------------------------------------
+BAD_FLAGS = [
+    ({"nodes": 0}, "--nodes 0 must be between 1 and 8"),
+    ({"nodes": 9}, "--nodes 9 must be between 1 and 8"),
+    ({"nodes": -1}, "--nodes -1"),
+    ({"gpu": True, "cpu": True}, "--gpu and --cpu both given"),
+    ({"cpu": True, "instance_type": "g5.xlarge"}, "is a GPU type but --cpu was given"),
+    ({"gpu": True, "instance_type": "c7i.xlarge"}, "has no GPU but --gpu was given"),
+    ({"max_hours": 0}, "--max-hours 0 must be more than 0"),
+    ({"max_hours": -1}, "--max-hours -1 must be more than 0"),
+    ({"max_hours": 1000}, "--max-hours 1000 must be more than 0 and at most 72"),
+    # invoke hands flags whose default is None over as strings
+    ({"max_hours": "0"}, "--max-hours 0 must be more than 0"),
+    ({"max_hours": "-1"}, "--max-hours -1 must be more than 0"),
+    ({"max_hours": "1000"}, "at most 72"),
+    ({"max_hours": "soon"}, "--max-hours 'soon' is not a number"),
+    ({"max_hours": "nan"}, "--max-hours 'nan' must be a number"),
+    ({"idle_minutes": 0}, "--idle-minutes 0 must be at least 1"),
+    ({"idle_minutes": "0"}, "--idle-minutes 0 must be at least 1"),
+    ({"idle_minutes": "1.5"}, "--idle-minutes '1.5' must be a whole number"),
+    ({"disk_gb": 4}, "--disk-gb 4 must be between 8 and 16384"),
+    ({"allow_cidr": "nonsense"}, "--allow-cidr 'nonsense' is not a CIDR block"),
+    ({"allow_cidr": "0.0.0.0/0"}, "would open SSH to the whole internet"),
+    ({"allow_cidr": "::/0"}, "would open SSH to the whole internet"),
+]
+
+
+@pytest.mark.parametrize(("flags", "expected"), BAD_FLAGS, ids=[repr(f) for f, _ in BAD_FLAGS])
+def test_bad_flags_are_one_line(ws: Workspace, flags: dict[str, object], expected: str) -> None:
+    with pytest.raises(UserError) as exc:
+        nodes.resolve_spec(ws, **flags)  # type: ignore[arg-type]
+    assert expected in one_line_error(exc)
+
+
+def test_world_cidr_needs_consent(ws: Workspace) -> None:
+    spec = nodes.resolve_spec(ws, allow_cidr="0.0.0.0/0", i_know=True)
+    assert spec.allow_cidr == "0.0.0.0/0"
+    assert spec.i_know
+
+
+def test_string_flags_from_invoke_become_numbers(ws: Workspace) -> None:
+    spec = nodes.resolve_spec(ws, nodes="2", max_hours="1.5", idle_minutes="5", disk_gb="60")  # type: ignore[arg-type]
+    assert (spec.nodes, spec.max_hours, spec.idle_minutes, spec.disk_gb) == (2, 1.5, 5, 60)
+    assert isinstance(spec.idle_minutes, int) and isinstance(spec.disk_gb, int)
+
+
+def test_defaults_and_profiles(ws: Workspace) -> None:
+    cpu = nodes.resolve_spec(ws)
+    assert (cpu.profile, cpu.instance_type, cpu.market, cpu.nodes, cpu.disk_gb) == (
+        "cpu",
+        "c7i.xlarge",
+        "on-demand",
+        1,
+        50,
+    )
+    gpu = nodes.resolve_spec(ws, gpu=True, spot=True)
+    assert (gpu.profile, gpu.instance_type, gpu.market, gpu.disk_gb) == ("gpu", "g5.xlarge", "spot", 150)
+    inferred = nodes.resolve_spec(ws, instance_type="g6.xlarge")
+    assert inferred.profile == "gpu"
+
+
+# -- quota: stop before Terraform -------------------------------------------------------
+class FakeEC2:
+    meta = SimpleNamespace(region_name="us-east-1")
+
+    def describe_instance_types(self, InstanceTypes):  # noqa: N803 - boto3's names
+        return {"InstanceTypes": [{"InstanceType": t, "VCpuInfo": {"DefaultVCpus": 4}} for t in InstanceTypes]}
+
+    def describe_instance_type_offerings(self, **kwargs):
+        return {"InstanceTypeOfferings": [{"Location": "us-east-1a"}, {"Location": "us-east-1b"}]}
+
+
+class ZeroQuota:
+    def get_service_quota(self, ServiceCode, QuotaCode):  # noqa: N803
+        return {"Quota": {"Value": 0.0}}
+
+
+def fake_cloud_ws(tmp_path: Path) -> SimpleNamespace:
+    clients = {"ec2": FakeEC2(), "service-quotas": ZeroQuota()}
+    return SimpleNamespace(
+        paths=Paths(root=tmp_path, generated=tmp_path / "generated", runs=tmp_path / "runs"),
+        stage="test",
+        defaults=Defaults(),
+        settings=SimpleNamespace(AWS_REGION="us-east-1", AWS_ACCOUNT="testacct"),
+        client=lambda name, region=None: clients[name],
+        caller_identity=lambda: {"Account": "123456789012", "Arn": "arn:aws:iam::123456789012:user/t", "UserId": "x"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("profile", "itype", "code"), [("cpu", "c7i.xlarge", "L-1216C47A"), ("gpu", "g5.xlarge", "L-DB2E81BA")]
+)
+def test_zero_quota_stops_before_terraform(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, profile, itype, code):
+    def no_terraform(*a, **k):
+        raise AssertionError("terraform must not run when the quota is too small")
+
+    monkeypatch.setattr(nodes.steps, "terraform", no_terraform)
+    monkeypatch.setattr(nodes.steps, "init", no_terraform)
+    monkeypatch.setattr(nodes, "init_once", no_terraform)
+    spec = nodes.NodeSpec(profile, itype, "on-demand", 2, 50, 8.0, 30)
+    with pytest.raises(UserError) as exc:
+        nodes.apply(fake_cloud_ws(tmp_path), spec)  # type: ignore[arg-type]
+    msg = one_line_error(exc)
+    assert code in msg and "is 0 vCPUs" in msg and f"2 × {itype} needs 8" in msg
+    assert "request-service-quota-increase" in msg
+    assert not (tmp_path / "generated" / "node_vars.json").exists()
+
+
+# -- capacity: every AZ, every fallback, then on-demand; nothing left behind -----------
+CAPACITY = (
+    "terraform apply failed: creating EC2 Instance: operation error EC2: RunInstances, api error "
+    "InsufficientInstanceCapacity: We currently do not have sufficient {t} capacity in the Availability Zone you requested ({az})."
+)
+
+
+class FakeTf:
+    """Stands in for remotefit.terraform.Terraform: apply fails with capacity errors for the listed options."""
+
+    def __init__(self, log: list[dict[str, object]], no_capacity: set[tuple[str, str, str]] | None = None, error=None):
+        self.log = log
+        self.no_capacity = no_capacity
+        self.error = error
+        self.applied: list[tuple[str, str, str]] = []
+        self.destroyed = 0
+
+    def apply(self, tfvars: Path, quiet: bool = False) -> str:
+        v = self.log[-1]
+        key = (str(v["instance_type"]), str(v["market"]), str(v["availability_zone"]))
+        self.applied.append(key)
+        if self.error:
+            raise UserError(self.error)
+        if self.no_capacity is None or key in self.no_capacity:
+            raise UserError(CAPACITY.format(t=key[0], az=key[2]))
+        return "Apply complete!"
+
+    def destroy(self, tfvars: Path, quiet: bool = False) -> str:
+        self.destroyed += 1
+        return "Destroy complete!"
+
+
+AZS = {"g5.xlarge": ["us-east-1a", "us-east-1b"], "g6.xlarge": ["us-east-1b"], "g4dn.xlarge": ["us-east-1c"]}
+
+
+@pytest.fixture
+def patched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """nodes.apply with pre-flight, pricing, AMI and Terraform replaced by recorders."""
+    written: list[dict[str, object]] = []
+    holder: dict[str, FakeTf] = {}
+    monkeypatch.setattr(nodes, "preflight_checks", lambda ws, spec: dict(AZS))
+    monkeypatch.setattr(nodes, "cost_lines", lambda ws, spec: [])
+    monkeypatch.setattr(
+        nodes,
+        "node_variables",
+        lambda ws, spec, az, itype, market, refresh=False: {
+            "instance_type": itype,
+            "market": market,
+            "availability_zone": az,
+            "node_count": spec.nodes,
+        },
+    )
+    monkeypatch.setattr(nodes.steps, "write_tfvars", lambda ws, values: written.append(dict(values)) or Path("x"))
+    monkeypatch.setattr(nodes, "init_once", lambda ws, tf: None)
+    monkeypatch.setattr(nodes.steps, "terraform", lambda ws: holder["tf"])
+    monkeypatch.setattr(nodes, "_record_nodes", lambda ws, tf: ["node"])
+    monkeypatch.setattr(nodes, "wait_ready", lambda ws, n, gpu=False: 0.0)
+    ws = SimpleNamespace(
+        paths=Paths(root=tmp_path, generated=tmp_path / "generated", runs=tmp_path / "runs"),
+        stage="test",
+        defaults=Defaults(),
+        settings=SimpleNamespace(AWS_REGION="us-east-1", AWS_ACCOUNT="testacct"),
+    )
+    return SimpleNamespace(ws=ws, written=written, holder=holder, tmp=tmp_path)
+
+
+def test_capacity_everywhere_tries_every_option_then_destroys(patched) -> None:
+    tf = patched.holder["tf"] = FakeTf(patched.written)
+    spec = nodes.NodeSpec("gpu", "g5.xlarge", "spot", 1, 150, 8.0, 30)
+    with pytest.raises(UserError) as exc:
+        nodes.apply(patched.ws, spec)
+    msg = one_line_error(exc)
+    expected = [
+        (t, m, az) for m in ("spot", "on-demand") for t in ("g5.xlarge", "g6.xlarge", "g4dn.xlarge") for az in AZS[t]
+    ]
+    assert tf.applied == expected  # every AZ of every type, spot first, then on-demand
+    for t, m, az in expected:
+        assert f"{t}/{m}/{az}: " in msg
+    assert msg.startswith("no capacity anywhere: ")
+    assert tf.destroyed == 1, "whatever the failed applies created must be destroyed"
+    assert not (patched.tmp / "generated" / "node_vars.json").exists()
+
+
+def test_capacity_falls_back_to_the_next_az(patched) -> None:
+    tf = patched.holder["tf"] = FakeTf(patched.written, no_capacity={("g5.xlarge", "on-demand", "us-east-1a")})
+    spec = nodes.NodeSpec("gpu", "g5.xlarge", "on-demand", 1, 150, 8.0, 30)
+    assert nodes.apply(patched.ws, spec) == ["node"]
+    assert tf.applied == [("g5.xlarge", "on-demand", "us-east-1a"), ("g5.xlarge", "on-demand", "us-east-1b")]
+    assert tf.destroyed == 0
+    saved = json.loads((patched.tmp / "generated" / "node_vars.json").read_text())
+    assert saved["availability_zone"] == "us-east-1b"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "terraform apply failed: api error VcpuLimitExceeded: You have requested more vCPU capacity than your current vCPU limit",
+        "terraform apply failed: api error UnauthorizedOperation: You are not authorized to perform this operation",
+    ],
+)
+def test_quota_and_other_errors_do_not_walk_the_fallbacks(patched, error: str) -> None:
+    tf = patched.holder["tf"] = FakeTf(patched.written, error=error)
+    spec = nodes.NodeSpec("gpu", "g5.xlarge", "spot", 1, 150, 8.0, 30)
+    with pytest.raises(UserError) as exc:
+        nodes.apply(patched.ws, spec)
+    assert one_line_error(exc) == error
+    assert len(tf.applied) == 1
