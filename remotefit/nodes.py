@@ -159,6 +159,7 @@ def node_variables(
         "ami_id": ami["id"],
         "availability_zone": az,
         "allow_cidr": ws.caller_cidr(spec.allow_cidr, spec.i_know),
+        "allow_world_ssh": spec.i_know,
         "public_key": public_key(ws.paths.generated, ws.stage),
         "disk_gb": spec.disk_gb,
         "max_hours": spec.max_hours,

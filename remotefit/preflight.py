@@ -69,7 +69,7 @@ def _error_code(exc: Exception) -> str:
 
 def suggest_type(instance_type: str) -> str | None:
     """The closest instance type in the price table, or None if nothing is close."""
-    close = difflib.get_close_matches(instance_type.strip().lower(), known_types(), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(instance_type.strip().lower(), known_types(), n=1, cutoff=0.4)
     return close[0] if close else None
 
 

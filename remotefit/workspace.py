@@ -188,9 +188,9 @@ def check_cidr(value: str, i_know: bool = False) -> str:
         net = ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise UserError(f"--allow-cidr {value!r} is not a CIDR block; use e.g. 203.0.113.7/32") from None
-    if net.prefixlen == 0 and not i_know:
+    if net.prefixlen < 8 and not i_know:
+        what = "the whole internet" if net.prefixlen == 0 else f"a /{net.prefixlen} (millions of addresses)"
         raise UserError(
-            f"--allow-cidr {value} would open SSH to the whole internet; use your own /32, "
-            "or add --i-know-this-opens-ssh-to-the-world if you really mean it"
+            f"--allow-cidr {value} would open SSH to {what}; use your own /32, or add --i-know if you really mean it"
         )
     return str(net)

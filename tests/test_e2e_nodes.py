@@ -366,6 +366,7 @@ BASE_VARS: dict[str, Any] = {
     "idle_minutes": 30,
     "ssh_user": "ubuntu",
     "cluster_placement": False,
+    "allow_world_ssh": False,
 }
 VARIANTS: dict[str, dict[str, Any]] = {
     "cpu": {},
