@@ -248,6 +248,8 @@ class Sandbox:
             "15",
             "--imds-timeout",
             "0.2",
+            "--sshd-pid",  # the host's other ssh sessions are not this node's
+            str(node.pid),
         ]
         proc = spawn_daemon(argv, d / "watchdog.log")
         return proc.pid

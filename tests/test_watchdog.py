@@ -354,3 +354,23 @@ def test_scripts_are_executable_stdlib_single_files():
     for path in (NODE / "runner.py", NODE / "watchdog.py"):
         assert os.access(path, os.X_OK), path
         assert path.read_text().startswith("#!/usr/bin/env python3\n"), path
+
+
+def test_sessions_can_be_limited_to_one_sshd_listener(tmp_path):
+    """A sandbox node shares the host: only sessions under its own sshd keep it busy."""
+    wd = watchdog
+    proc = tmp_path / "proc"
+
+    def fake(pid: int, ppid: int, title: str) -> None:
+        d = proc / str(pid)
+        d.mkdir(parents=True)
+        (d / "cmdline").write_bytes(title.replace(" ", "\0").encode() + b"\0")
+        (d / "stat").write_text(f"{pid} (sshd) S {ppid} {pid} {pid} 0")
+
+    fake(100, 1, "sshd: /usr/sbin/sshd -D")  # this node's listener
+    fake(101, 100, "sshd: root@notty")  # a session of this node
+    fake(200, 1, "sshd: /usr/sbin/sshd -D")  # another node's listener
+    fake(201, 200, "sshd: root@pts/1")  # a session elsewhere
+    assert wd.ssh_sessions(str(proc)) == ["sshd: root@notty", "sshd: root@pts/1"]
+    assert wd.ssh_sessions(str(proc), "100") == ["sshd: root@notty"]
+    assert wd.ssh_sessions(str(proc), "300") == []

@@ -198,8 +198,28 @@ def active_run(base: str, proc: str) -> dict | None:
     return None
 
 
-def ssh_sessions(proc: str) -> list[str]:
-    """Titles of per-session sshd processes ("sshd: ubuntu@pts/0"), not the listener."""
+def parent_of(proc: str, pid: str) -> str | None:
+    try:
+        with open(os.path.join(proc, pid, "stat")) as f:
+            return f.read().rsplit(")", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return None
+
+
+def descends_from(proc: str, pid: str, ancestor: str) -> bool:
+    for _ in range(64):  # bounded: a broken chain must not loop
+        if pid == ancestor:
+            return True
+        parent = parent_of(proc, pid)
+        if parent in (None, "0", pid):
+            return False
+        pid = parent
+    return False
+
+
+def ssh_sessions(proc: str, listener: str | None = None) -> list[str]:
+    """Titles of per-session sshd processes ("sshd: ubuntu@pts/0"), not the listener. With `listener`
+    (an sshd pid), only its sessions count: a sandbox node shares the host with other sshds."""
     found = []
     try:
         names = os.listdir(proc)
@@ -216,6 +236,8 @@ def ssh_sessions(proc: str) -> list[str]:
             continue  # process exited meanwhile
         title = raw.replace(b"\0", b" ").decode("utf-8", "replace").strip()
         if title.startswith(SSH_SESSION_PREFIXES) and "@" in title:
+            if listener and not descends_from(proc, name, listener):
+                continue
             found.append(title)
     return sorted(found)
 
@@ -318,7 +340,7 @@ def tick(opts: argparse.Namespace, now: float) -> str:
         parts.append("spot=" + spot)
 
     # Busy = live run or a logged-in ssh user.
-    sessions = ssh_sessions(opts.proc)
+    sessions = ssh_sessions(opts.proc, str(opts.sshd_pid) if opts.sshd_pid else None)
     busy = []
     if run is not None:
         busy.append(f"run {run.get('run_id')} (pid {run.get('pid')})")
@@ -378,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imds", help="instance metadata endpoint (default http://169.254.169.254)")
     p.add_argument("--state", help="state file (last busy time, spot notice forwarded)")
     p.add_argument("--shutdown-cmd", help='command as JSON list (\'["shutdown","-h","now"]\') or shell words')
+    p.add_argument("--sshd-pid", type=int, help="count only ssh sessions of this sshd listener (sandbox nodes)")
     p.add_argument("--started-epoch", help="when the node started (default: boot time from /proc/uptime)")
     p.add_argument("--proc", default="/proc", help="proc root to scan for ssh sessions (tests)")
     p.add_argument("--now", type=float, help="fake current unix time (tests; also $REMOTEFIT_FAKE_NOW)")
