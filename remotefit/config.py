@@ -34,10 +34,19 @@ _LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
 @cache
 def aws_regions() -> frozenset[str]:
     """Every commercial, China and GovCloud region name botocore knows (its own endpoint data)."""
-    import botocore.loaders
+    import importlib.util
+    import json
 
-    # A bare loader, not a session: a session reads AWS_PROFILE and raises ProfileNotFound for a bad one.
-    data = botocore.loaders.create_loader().load_data("endpoints")
+    # Read botocore's data file without importing botocore (tens of ms on every `inv` call).
+    spec = importlib.util.find_spec("botocore")
+    data_file = Path(spec.origin).parent / "data" / "endpoints.json" if spec and spec.origin else None
+    if data_file and data_file.exists():
+        data = json.loads(data_file.read_bytes())
+    else:
+        import botocore.loaders
+
+        # A bare loader, not a session: a session reads AWS_PROFILE and raises ProfileNotFound for a bad one.
+        data = botocore.loaders.create_loader().load_data("endpoints")
     return frozenset(r for part in data["partitions"] for r in part.get("regions", {}))
 
 
