@@ -29,7 +29,7 @@ def tool_table(terraform_binary: str = "terraform") -> list[Tool]:
     return [
         Tool(terraform_binary, (terraform_binary, "version"), MIN_VERSION, True, tf_install),
         Tool("ssh", ("ssh", "-V"), (8, 0), True, "apt-get install openssh-client / brew install openssh"),
-        Tool("rsync", ("rsync", "--version"), (3, 1), True, "apt-get install rsync / brew install rsync"),
+        Tool("rsync", ("rsync", "--version"), (3, 1, 3), True, "apt-get install rsync / brew install rsync"),
         Tool("python3", (sys.executable, "--version"), (3, 11), True, "https://www.python.org/downloads/"),
         Tool("sshd", ("/usr/sbin/sshd", "-V"), None, False, "apt-get install openssh-server (sandbox nodes only)"),
         Tool(
