@@ -6,9 +6,13 @@ import functools
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from invoke import Collection, Exit, task
+
+# The project root is where this file is, wherever `inv` is run from (invoke searches upwards for it).
+ROOT = Path(__file__).resolve().parent
 
 NODE_FLAGS_HELP = {
     "gpu": "Use a GPU node (default type g5.xlarge, Deep Learning AMI with drivers and PyTorch).",
@@ -37,6 +41,13 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise Exit(f"error: {exc.message}", code=exc.code) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
+        except OSError as exc:  # a file or folder we could not read or write
+            raise Exit(f"error: {exc}", code=1) from None
+        except Exception as exc:
+            # An AWS error we did not translate: still one line, with the code AWS gave.
+            if type(exc).__module__.startswith(("botocore", "boto3")):
+                raise Exit(f"error: AWS said: {str(exc).splitlines()[0]} (check `inv check`)", code=1) from None
+            raise
 
     return wrapper
 
@@ -44,7 +55,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _ws(c: Any) -> Any:
     from remotefit.workspace import Workspace
 
-    return Workspace(defaults=dict(c.config.get("remotefit", {}) or {}))
+    return Workspace(root=ROOT, defaults=dict(c.config.get("remotefit", {}) or {}))
 
 
 def _number(value: Any, flag: str, kind: type) -> Any:
@@ -258,13 +269,18 @@ def destroy(c, yes=False):
     _say(nd.destroy(ws))
 
 
-@task(help={"yes": "Terminate the orphans found (default: only list them)."})
+@task(
+    help={
+        "yes": "Terminate the orphans found (default: only list them).",
+        "min_age_minutes": "Ignore instances younger than this (an apply in progress; default 10).",
+    }
+)
 @_guard
-def gc(c, yes=False):
+def gc(c, yes=False, min_age_minutes=10.0):
     """Find (and with --yes terminate) remotefit instances that no state knows about."""
     from remotefit import nodes as nd
 
-    _say(nd.gc(_ws(c), yes=yes))
+    _say(nd.gc(_ws(c), yes=yes, min_age_minutes=float(min_age_minutes)))
 
 
 # -- jobs ---------------------------------------------------------------------------------
@@ -294,6 +310,7 @@ def sync(c, job, nodes=0):
 def fit(c, job, gpu=False, cpu=False, cmd=None, args="", detach=False, nodes=0, local=False, cancel_on_interrupt=False):
     """Sync a job, run it on the nodes, stream its log and pull its outputs home."""
     from remotefit import jobs
+    from remotefit.config import Paths
 
     extra = shlex.split(args) + _after_dashes(c)
     ws = None if local else _ws(c)
@@ -307,6 +324,7 @@ def fit(c, job, gpu=False, cpu=False, cmd=None, args="", detach=False, nodes=0, 
         nodes=nodes or None,
         local=local,
         cancel_on_interrupt=cancel_on_interrupt,
+        paths=Paths.at(ROOT),
     )
     if code:
         raise Exit(code=code)
@@ -357,7 +375,7 @@ def demo(c, keep=False):
     """Run the whole life cycle on the sandbox: up, apply, fit jobs/resnet, destroy, down."""
     from remotefit import demo as dm
 
-    raise Exit(code=dm.run(dict(c.config.get("remotefit", {}) or {}), keep=keep))
+    raise Exit(code=dm.run(dict(c.config.get("remotefit", {}) or {}), keep=keep, root=ROOT))
 
 
 # -- sandbox ------------------------------------------------------------------------------
@@ -368,7 +386,7 @@ def sandbox_up(c):
     from remotefit.config import Paths
     from remotefit.sandbox import Sandbox
 
-    print(Sandbox(Paths.at().sandbox_dir).up().endpoint)
+    print(Sandbox(Paths.at(ROOT).sandbox_dir).up().endpoint)
 
 
 @task(name="down")
@@ -378,7 +396,7 @@ def sandbox_down(c):
     from remotefit.config import Paths
     from remotefit.sandbox import Sandbox
 
-    stopped = Sandbox(Paths.at().sandbox_dir).down()
+    stopped = Sandbox(Paths.at(ROOT).sandbox_dir).down()
     _say([f"stopped {s}" for s in stopped] or ["the sandbox was not running"])
 
 
@@ -389,7 +407,7 @@ def sandbox_status(c):
     from remotefit.config import Paths
     from remotefit.sandbox import Sandbox
 
-    sb = Sandbox(Paths.at().sandbox_dir)
+    sb = Sandbox(Paths.at(ROOT).sandbox_dir)
     srv = sb.server()
     print(f"moto server: {srv.endpoint} (pid {srv.pid})" if srv else "moto server: not running")
     for n in sb.nodes():

@@ -14,7 +14,7 @@ from remotefit.errors import UserError
 
 SSM_PARAMETERS = {
     # NVIDIA driver, CUDA and PyTorch preinstalled: nothing heavy happens at boot.
-    "gpu": "/aws/service/deeplearning/ami/x86_64/oss-nvidia-driver-gpu-pytorch-2.7-ubuntu-22.04/latest/ami-id",
+    "gpu": "/aws/service/deeplearning/ami/x86_64/oss-nvidia-driver-gpu-pytorch-2.9-ubuntu-24.04/latest/ami-id",
     "cpu": "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id",
 }
 # Where each image keeps the Python that already has PyTorch (the job venv sees its packages).

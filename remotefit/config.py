@@ -149,7 +149,8 @@ class Defaults(BaseModel):
     cpu_instance_type: str = "c7i.xlarge"
     gpu_fallback_types: list[str] = ["g6.xlarge", "g4dn.xlarge"]
     cpu_fallback_types: list[str] = ["c6i.xlarge", "m7i.xlarge"]
-    allow_on_demand_fallback: bool = True
+    # Off by default: a user who asked for spot confirmed a spot price, not one ~3x higher.
+    allow_on_demand_fallback: bool = False
     max_nodes: int = Field(default=8, ge=1)
     max_hours: float = 8.0
     max_hours_limit: float = Field(default=72.0, description="Refuse --max-hours above this.")

@@ -22,11 +22,10 @@ DEMO_ARGS = ["--data", "digits", "--width", "16", "--image-size", "32", "--batch
 DEMO_STAGE = "demo"
 
 
-def _workspace(defaults: dict[str, Any]) -> Any:
+def _workspace(defaults: dict[str, Any], root: Path) -> Any:
     from remotefit.config import GENERATED_ENV, Paths, load_settings
     from remotefit.workspace import Workspace
 
-    root = Path.cwd()
     gen = Path(os.environ.get(GENERATED_ENV) or root / "generated") / "demo"
     settings = load_settings(root).model_copy(update={"TARGET": "sandbox", "STAGE": DEMO_STAGE})
     ws = Workspace(root=root, defaults=defaults, settings=settings)
@@ -34,11 +33,11 @@ def _workspace(defaults: dict[str, Any]) -> Any:
     return ws
 
 
-def run(defaults: dict[str, Any], keep: bool = False) -> int:
+def run(defaults: dict[str, Any], keep: bool = False, root: Path | None = None) -> int:
     """Run every stage, timing each; return 0 on success. Cleans up on any failure or interrupt."""
     from remotefit import jobs, nodes, steps
 
-    ws = _workspace(defaults)
+    ws = _workspace(defaults, root or Path.cwd())
     timings: list[tuple[str, float]] = []
     applied = False
     result: dict[str, Any] = {}
@@ -134,7 +133,10 @@ def _report(
         for name in ("curves.png", "summary.json", "run.json"):
             echo(f"  {name:<13} {d / name}")
     if keep and ok:
-        echo("  kept the node and the sandbox: `inv destroy --yes` and `inv sandbox.down` when done")
+        # The demo has its own records (generated/demo) and stage: point the tasks at them, never at the
+        # user's own stage (which may be on real AWS).
+        env = f"REMOTEFIT_GENERATED={ws.paths.generated} STAGE={DEMO_STAGE} TARGET=sandbox"
+        echo(f"  kept the node and the sandbox; when done: {env} inv destroy --yes && {env} inv sandbox.down")
     ws.paths.generated.mkdir(parents=True, exist_ok=True)
     atomic_write(
         ws.paths.generated / "timings.json",

@@ -313,7 +313,9 @@ def upload_runner(t: Transport) -> None:
 
 # -- fit ------------------------------------------------------------------------------------
 def new_run_id(job: Job) -> str:
-    return f"{job.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    """`<job>-<UTC time>-<random>`; the job part keeps only what the runner accepts in an id."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", job.name).strip("-._") or "job"
+    return f"{safe}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 def master_port_for(run_id: str) -> int:
@@ -672,8 +674,12 @@ def _stream(
             if code == 2 and "unknown run" in err:
                 raise UserError(_runner_error(err, f"unknown run {run_id}"))
             return code, status
+        if status and status.get("state") == "finished":
+            return code, status  # the job itself exited 255: follow told us so before it ended
         # 255: the connection dropped (or the run was lost): ask for its status on a fresh connection.
         state = run_status(t, run_id)
+        if state and state.get("state") == "finished":
+            return _exit_of(state), state
         if state and state.get("state") == "lost":
             echo(f"run {run_id}: the job process vanished without an exit code (node rebooted?)")
             return SSH_LOST, state
@@ -722,12 +728,21 @@ def _exit_of(st: dict[str, Any]) -> int:
     return int(st["exit_code"]) if st.get("exit_code") is not None else SSH_LOST
 
 
-def wait_status(t: Transport, run_id: str, poll: float = 1.0) -> dict[str, Any]:
-    """Wait for a non-zero rank to finish; return its final status."""
+def wait_status(t: Transport, run_id: str, poll: float = 1.0, unreachable_for: float = 300.0) -> dict[str, Any]:
+    """Wait for a non-zero rank to finish; return its final status. A node that stays unreachable
+    (spot-interrupted, or terminated itself) counts as lost rather than hanging the launch forever."""
+    gone_since: float | None = None
     while True:
         st = run_status(t, run_id)
         if st and st.get("state") in ("finished", "lost"):
             return st
+        if st is None:
+            gone_since = gone_since or time.monotonic()
+            if time.monotonic() - gone_since > unreachable_for:
+                echo(f"run {run_id}: {t.node.alias} unreachable for {unreachable_for:.0f} s; counting it as lost")
+                return {"state": "lost", "exit_code": None}
+        else:
+            gone_since = None
         time.sleep(poll)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -37,6 +38,7 @@ class NodeSpec:
     idle_minutes: int
     allow_cidr: str | None = None
     i_know: bool = False
+    explicit_type: bool = False  # --instance-type given: never swap it for a fallback type
 
 
 def resolve_spec(
@@ -87,7 +89,18 @@ def resolve_spec(
         raise UserError(f"--disk-gb {disk} must be between 8 and 16384")
     if allow_cidr:
         allow_cidr = check_cidr(allow_cidr, i_know)
-    return NodeSpec(profile, itype, "spot" if spot else "on-demand", nodes, disk, hours, idle, allow_cidr, i_know)
+    return NodeSpec(
+        profile,
+        itype,
+        "spot" if spot else "on-demand",
+        nodes,
+        disk,
+        hours,
+        idle,
+        allow_cidr,
+        i_know,
+        explicit_type=instance_type is not None,
+    )
 
 
 def _number(flag: str, value: object, whole: bool = False) -> float:
@@ -118,8 +131,12 @@ def load_node_vars(ws: Workspace) -> dict[str, Any] | None:
 
 
 def inventory(ws: Workspace) -> list[Node]:
+    """The live nodes of this stage (an inventory written for another STAGE is not ours)."""
     try:
-        return [Node(**n) for n in json.loads(_inventory_file(ws).read_text())["nodes"]]
+        data = json.loads(_inventory_file(ws).read_text())
+        if data.get("stage") != ws.stage:
+            return []
+        return [Node(**n) for n in data["nodes"]]
     except (OSError, ValueError, KeyError, TypeError):
         return []
 
@@ -255,12 +272,18 @@ def _state_resource_count(ws: Workspace) -> int:
 
 
 # -- plan / apply -----------------------------------------------------------------------
+def _fallbacks(ws: Workspace, spec: NodeSpec) -> list[str]:
+    if spec.explicit_type:
+        return []
+    return ws.defaults.gpu_fallback_types if spec.profile == "gpu" else ws.defaults.cpu_fallback_types
+
+
 def preflight_checks(ws: Workspace, spec: NodeSpec) -> dict[str, list[str]]:
     """Instance types exist, AZs offer them, quotas cover them. Returns {type: [azs]} to try."""
     ec2 = ws.client("ec2")
     ws.caller_identity()  # missing or expired credentials: fail here, before anything is created
     preflight.check_instance_type(ec2, spec.instance_type)
-    fallbacks = ws.defaults.gpu_fallback_types if spec.profile == "gpu" else ws.defaults.cpu_fallback_types
+    fallbacks = _fallbacks(ws, spec)
     azs: dict[str, list[str]] = {spec.instance_type: preflight.azs_offering(ec2, spec.instance_type)}
     for t in fallbacks:
         try:
@@ -305,7 +328,7 @@ def apply(ws: Workspace, spec: NodeSpec, refresh_ami: bool = False, wait: bool =
         spec.instance_type,
         spec.market,  # type: ignore[arg-type]
         azs,
-        ws.defaults.gpu_fallback_types if spec.profile == "gpu" else ws.defaults.cpu_fallback_types,
+        _fallbacks(ws, spec),
         ws.defaults.allow_on_demand_fallback,
     )
     tf = steps.terraform(ws)
@@ -321,9 +344,18 @@ def apply(ws: Workspace, spec: NodeSpec, refresh_ami: bool = False, wait: bool =
         except UserError as exc:
             kind = preflight.classify_launch_error(exc.message)
             if kind != "capacity":
-                # e.g. another run holds the state lock: leave the tfvars as the last good apply wrote them
-                refresh_tfvars(ws)
-                raise
+                if "state is locked" in exc.message:
+                    # another run holds the lock and nothing of ours ran: keep the last good tfvars
+                    refresh_tfvars(ws)
+                    raise
+                # Part of the apply may exist (security group, role, some nodes): keep the values that
+                # `inv destroy` needs to remove it, and say so.
+                atomic_write(_vars_file(ws), json.dumps(values, indent=2))
+                raise UserError(
+                    f"{exc.message}; some resources may have been created: fix the cause and re-run "
+                    "`inv apply`, or remove them with `inv destroy`",
+                    code=exc.code,
+                ) from None
             tried.append(f"{cand.instance_type}/{cand.market}/{cand.az}: {exc.message}")
             echo(f"apply: no capacity for {cand.instance_type} ({cand.market}) in {cand.az}; trying the next option")
             continue
@@ -335,7 +367,9 @@ def apply(ws: Workspace, spec: NodeSpec, refresh_ami: bool = False, wait: bool =
         return nodes
     # Nothing had capacity: leave nothing behind, and show every error we met.
     echo("apply: every option failed; destroying what was created")
+    atomic_write(_vars_file(ws), json.dumps(values, indent=2))  # so `inv destroy` can retry if this fails
     tf.destroy(ws.paths.tfvars(ws.settings), quiet=True)
+    _vars_file(ws).unlink(missing_ok=True)
     raise UserError("no capacity anywhere: " + " | ".join(tried) + "; try later, another region, or --instance-type")
 
 
@@ -402,19 +436,22 @@ def wait_ready(ws: Workspace, nodes: list[Node], gpu: bool = False, timeout: flo
     last = ""
     while pending:
         for n in list(pending):
-            res = run(
-                ssh_argv(ws.paths.ssh_config, n.alias, READY_CMD.format(workdir=n.workdir)),
-                capture=True,
-                check=False,
-                timeout=120,
-            )
+            try:
+                res = run(
+                    ssh_argv(ws.paths.ssh_config, n.alias, READY_CMD.format(workdir=shlex.quote(n.workdir))),
+                    capture=True,
+                    check=False,
+                    timeout=120,
+                )
+            except UserError:  # cloud-init still busy after 120 s (e.g. apt on stock Ubuntu): ask again
+                last = "still booting"
+                continue
             if res.returncode == 0:
                 pending.remove(n)
                 echo(f"ready: {n.alias} ({n.instance_id}) after {time.monotonic() - t0:.1f} s")
             else:
-                last = (res.stderr or res.stdout).strip().splitlines()[-1:] and (
-                    res.stderr or res.stdout
-                ).strip().splitlines()[-1]
+                tail = (res.stderr or res.stdout).strip().splitlines()
+                last = tail[-1] if tail else f"ssh exit {res.returncode}"
         if pending and time.monotonic() - t0 > timeout:
             raise UserError(
                 f"{', '.join(n.alias for n in pending)} did not answer over SSH within {timeout:.0f} s ({last}); "
@@ -441,25 +478,36 @@ def wait_ready(ws: Workspace, nodes: list[Node], gpu: bool = False, timeout: flo
 
 # -- status / ssh / stop / start --------------------------------------------------------
 def _describe(ws: Workspace, ids: list[str]) -> list[dict[str, Any]]:
+    """DescribeInstances for our ids; an id that is gone is skipped, any other error is one line
+    (a node must never show as "gone" just because the credentials expired)."""
     if not ids:
         return []
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
+    def gone(exc: ClientError) -> bool:
+        return exc.response.get("Error", {}).get("Code", "").startswith("InvalidInstanceID")
+
+    ec2 = ws.client("ec2")
     try:
-        res = ws.client("ec2").describe_instances(InstanceIds=ids)
-    except ClientError:
-        # One id already gone makes the batch call fail; ask one by one.
-        out = []
-        for i in ids:
-            try:
-                out += [
-                    x
-                    for r in ws.client("ec2").describe_instances(InstanceIds=[i])["Reservations"]
-                    for x in r["Instances"]
-                ]
-            except ClientError:
-                continue
-        return out
+        try:
+            res = ec2.describe_instances(InstanceIds=ids)
+        except ClientError as exc:
+            if not gone(exc):
+                raise
+            # One id already gone makes the batch call fail; ask one by one.
+            out = []
+            for i in ids:
+                try:
+                    out += [x for r in ec2.describe_instances(InstanceIds=[i])["Reservations"] for x in r["Instances"]]
+                except ClientError as one:
+                    if not gone(one):
+                        raise
+            return out
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "?")
+        raise UserError(f"cannot describe the nodes ({code}): check your credentials (`inv check`)") from None
+    except BotoCoreError as exc:
+        raise UserError(f"cannot describe the nodes: {exc}; check your credentials (`inv check`)") from None
     return [i for r in res["Reservations"] for i in r["Instances"]]
 
 
@@ -513,6 +561,8 @@ def pick_node(ws: Workspace, index: int) -> Node:
 
 def stop(ws: Workspace) -> list[str]:
     nodes = require_nodes(ws)
+    if any(n.market == "spot" for n in nodes):
+        raise UserError("spot nodes cannot be stopped (one-time spot requests only terminate): use `inv destroy`")
     ws.client("ec2").stop_instances(InstanceIds=[n.instance_id for n in nodes])
     for n in nodes:
         run(ssh_close_argv(ws.paths.ssh_config, n.alias), capture=True, check=False)
@@ -521,6 +571,8 @@ def stop(ws: Workspace) -> list[str]:
     return [
         f"stopped {len(nodes)} node(s); compute billing stops",
         cost.stopped_cost_note(float(saved.get("disk_gb", 50)), len(nodes)),
+        "note: the hard deadline still counts from the first boot; a node started after it, or left idle "
+        "after `inv start`, terminates itself and its disk goes with it",
     ]
 
 
@@ -581,8 +633,9 @@ def destroy(ws: Workspace) -> list[str]:
         tf.destroy(ws.paths.tfvars(ws.settings))
         lines.append(f"destroyed {state} resource(s) of stage {ws.stage}")
     ws.forget_unreached(set())
-    for f in (_inventory_file(ws), ws.paths.ssh_config):
-        f.unlink(missing_ok=True)
+    if inventory(ws) or not _inventory_file(ws).exists():  # never drop another stage's records
+        for f in (_inventory_file(ws), ws.paths.ssh_config):
+            f.unlink(missing_ok=True)
     left = leftovers(ws)
     if left:
         raise UserError(f"after destroy these are still tagged stage={ws.stage}: {', '.join(left)}; run `inv gc --yes`")
@@ -621,9 +674,13 @@ def known_instance_ids(ws: Workspace) -> set[str]:
     return ids
 
 
-def gc(ws: Workspace, yes: bool = False) -> list[str]:
-    """List (and with yes, terminate) remotefit-tagged instances that no state knows about."""
+def gc(ws: Workspace, yes: bool = False, min_age_minutes: float = 10.0) -> list[str]:
+    """List (and with yes, terminate) remotefit-tagged instances that no state knows about.
+
+    Instances younger than `min_age_minutes` are left alone: a concurrent apply may not have
+    written them into its state yet."""
     known = known_instance_ids(ws)
+    now = datetime.now(UTC)
     regions = [r["RegionName"] for r in ws.client("ec2").describe_regions()["Regions"]]
     lines = []
     for region in regions:
@@ -632,7 +689,9 @@ def gc(ws: Workspace, yes: bool = False) -> list[str]:
             i
             for r in ec2.describe_instances(Filters=[{"Name": "tag:project", "Values": ["remotefit"]}])["Reservations"]
             for i in r["Instances"]
-            if i["State"]["Name"] not in ("terminated", "shutting-down") and i["InstanceId"] not in known
+            if i["State"]["Name"] not in ("terminated", "shutting-down")
+            and i["InstanceId"] not in known
+            and (now - i["LaunchTime"]).total_seconds() >= min_age_minutes * 60
         ]
         for i in orphans:
             tags = {t["Key"]: t["Value"] for t in i.get("Tags", [])}

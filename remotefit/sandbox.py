@@ -98,8 +98,11 @@ class Sandbox:
             srv = Server(**json.loads(self.record.read_text()))
         except (OSError, ValueError, TypeError):
             return None
-        if pid_alive(srv.pid, "moto") and _answers(srv.endpoint):
+        alive = pid_alive(srv.pid, "moto")
+        if alive and any(_answers(srv.endpoint) for _ in range(3)):  # a loaded machine may answer late
             return srv
+        if alive:
+            stop_pid(srv.pid, "moto")  # running but deaf: stop it rather than leave a second server behind
         echo(f"sandbox: removing the stale record of a moto server that is gone (pid {srv.pid})")
         self.record.unlink(missing_ok=True)
         self._forget_nodes()
@@ -201,14 +204,15 @@ class Sandbox:
         atomic_write(d / "sshd_config", config, mode=0o600)
         proc = spawn_daemon([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log")
         node = SandboxNode(instance_id=instance_id, port=port, pid=proc.pid, user=user, workdir=str(home / "remotefit"))
-        if endpoint:
-            node.watchdog_pid = self._start_watchdog(d, node, endpoint, region, max_hours, idle_minutes)
         deadline = time.monotonic() + 10
         while not _port_open(port):
             if proc.poll() is not None or time.monotonic() > deadline:
+                stop_pid(proc.pid, "sshd")
                 msg = (d / "sshd.log").read_text(errors="replace").strip().splitlines()[-1:]
                 raise UserError(f"sandbox sshd for {instance_id} did not start: {msg[0] if msg else 'no output'}")
             time.sleep(0.05)
+        if endpoint:  # only once the node is reachable: a failed start leaves no watchdog looping
+            node.watchdog_pid = self._start_watchdog(d, node, endpoint, region, max_hours, idle_minutes)
         atomic_write(d / "node.json", json.dumps(asdict(node)))
         return node
 
@@ -301,9 +305,9 @@ def sshd_config_text(port: int, host_key: Path, authorized: Path, pidfile: Path,
         [
             f"# sandbox node {node}: written by remotefit",
             f"ListenAddress 127.0.0.1:{port}",
-            f"HostKey {host_key}",
-            f"PidFile {pidfile}",
-            f"AuthorizedKeysFile {authorized}",
+            f'HostKey "{host_key}"',
+            f'PidFile "{pidfile}"',
+            f'AuthorizedKeysFile "{authorized}"',
             f"AllowUsers {user}",
             "PubkeyAuthentication yes",
             "PasswordAuthentication no",

@@ -50,9 +50,9 @@ def ssh_config_text(nodes: Sequence[Node], identity: Path, known_hosts: Path) ->
                     f"  HostName {n.host}",
                     f"  Port {n.port}",
                     f"  User {n.user}",
-                    f"  IdentityFile {identity}",
+                    f'  IdentityFile "{identity}"',  # quoted: the checkout may live under a path with spaces
                     "  IdentitiesOnly yes",
-                    f"  UserKnownHostsFile {known_hosts}",
+                    f'  UserKnownHostsFile "{known_hosts}"',
                     "  StrictHostKeyChecking accept-new",
                     "  HostKeyAlias " + n.instance_id,  # an IP reused by another node is not trusted blindly
                     "  ControlMaster auto",

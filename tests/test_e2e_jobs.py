@@ -184,6 +184,14 @@ def test_exit_code_is_passed_on_and_outputs_still_pulled(cluster: Project, tmp_p
     assert json.loads((d / "run.json").read_text())["exit_code"] == 3
 
 
+def test_a_job_exiting_255_is_not_mistaken_for_a_dropped_connection(cluster: Project, tmp_path: Path):
+    job = make_job(tmp_path, "minus-one", {"train.py": "import sys; sys.exit(-1)\n"})
+    res = cluster.inv("fit", str(job), "--nodes", "1", check=False, timeout=60)
+    assert res.returncode == 255, res.stderr
+    assert "reconnecting" not in res.stderr
+    assert json.loads((results_dir(res) / "run.json").read_text())["exit_code"] == 255
+
+
 def test_local_gives_the_same_layout(cluster: Project, tmp_path: Path):
     job = make_job(tmp_path, "here", {"train.py": TRAIN})
     res = cluster.inv("fit", str(job), "--local", "--", "--x", "1", "--name", "a b")

@@ -232,3 +232,14 @@ def test_run_json_cost_and_duration():
     zero = jobs._run_json(rec, [{**st, "ended_at": st["started_at"]}], [0])
     assert zero["duration_s"] == 0 and zero["estimated_cost_usd"] == 0
     assert jobs._run_json(rec, [st, {"exit_code": 5}], None)["exit_code"] == 5
+
+
+def test_run_id_is_safe_for_any_folder_name(tmp_path):
+    import re as _re
+
+    for name in ("my job", "ünïcødé", ".hidden", "_x", "a/b".replace("/", "_")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "train.py").write_text("")
+        rid = jobs.new_run_id(jobs.load_job(d))
+        assert _re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", rid), rid
