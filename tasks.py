@@ -205,8 +205,11 @@ def apply(
 
     ws = _ws(c)
     spec = _spec(ws, locals())
+    warning = nd.replacement_warning(ws, spec)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if not yes:
-        _confirm(f"Create {spec.nodes} × {spec.instance_type} ({spec.market}) for stage {ws.stage}?")
+        _confirm(f"Apply {spec.nodes} × {spec.instance_type} ({spec.market}) for stage {ws.stage}?")
     nd.apply(ws, spec, refresh_ami=refresh_ami)
     _say(nd.table(nd.status_rows(ws)))
     print(f"ssh: ssh -F {ws.paths.ssh_config} {nd.inventory(ws)[0].alias}")

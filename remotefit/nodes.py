@@ -272,6 +272,31 @@ def _state_resource_count(ws: Workspace) -> int:
 
 
 # -- plan / apply -----------------------------------------------------------------------
+# Variables whose change makes Terraform replace a running node (user data or launch-only settings).
+REPLACING = ("instance_type", "market", "max_hours", "idle_minutes")
+
+
+def replacement_warning(ws: Workspace, spec: NodeSpec) -> str | None:
+    """Say so before an apply replaces running nodes (and kills whatever runs on them)."""
+    saved = load_node_vars(ws)
+    running = inventory(ws)
+    if not saved or not running:
+        return None
+    asked = {
+        "instance_type": spec.instance_type,
+        "market": spec.market,
+        "max_hours": spec.max_hours,
+        "idle_minutes": spec.idle_minutes,
+    }
+    changed = [f"{k} {saved.get(k)} -> {asked[k]}" for k in REPLACING if str(saved.get(k)) != str(asked[k])]
+    if not changed:
+        return None
+    return (
+        f"this apply replaces the {len(running)} running node(s) ({', '.join(changed)}): "
+        "a job running on them is killed and their disks are deleted"
+    )
+
+
 def _fallbacks(ws: Workspace, spec: NodeSpec) -> list[str]:
     if spec.explicit_type:
         return []

@@ -103,7 +103,9 @@ class Terraform:
         with contextlib.suppress(OSError):
             log.write_text(out)
         if code != 0:
-            raise UserError(f"terraform {what} failed: {summarize_error(out)} (full output: {log})", code=code)
+            raise UserError(
+                f"terraform {what} failed: {summarize_error(out, self.workdir)} (full output: {log})", code=code
+            )
         return out
 
     def init(self, backend_file: Path | None, quiet: bool = True) -> None:
@@ -116,7 +118,7 @@ class Terraform:
         if code == 2 and detailed:
             return 2
         if code != 0:
-            raise UserError(f"terraform plan failed: {summarize_error(out)}", code=code)
+            raise UserError(f"terraform plan failed: {summarize_error(out, self.workdir)}", code=code)
         return 0
 
     def apply(self, tfvars: Path, quiet: bool = False) -> str:
@@ -151,7 +153,7 @@ _LOCK_WHO = re.compile(r"^[\s│]*Who:\s+(.+)", re.M)
 _LOCK_WHEN = re.compile(r"^[\s│]*Created:\s+(.+)", re.M)
 
 
-def summarize_error(output: str) -> str:
+def summarize_error(output: str, workdir: Path | str = "generated/terraform") -> str:
     """Turn Terraform's boxed error output into one line a user can act on."""
     if "Error acquiring the state lock" in output:
         lock_id = _LOCK_ID.search(output)
@@ -160,7 +162,7 @@ def summarize_error(output: str) -> str:
         return (
             f"the state is locked by another run (lock {lock_id[1] if lock_id else '?'}, held by "
             f"{who[1].strip() if who else '?'} since {when[1].strip() if when else '?'}); wait for it to finish, "
-            f"or if it died run `terraform -chdir=generated/terraform force-unlock {lock_id[1] if lock_id else 'ID'}`"
+            f"or if it died run `terraform -chdir={workdir} force-unlock {lock_id[1] if lock_id else 'ID'}`"
         )
     errors = re.findall(r"Error: (.+)", output)
     if errors:

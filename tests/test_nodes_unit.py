@@ -268,3 +268,17 @@ def test_an_explicit_instance_type_is_never_swapped(patched) -> None:
     with pytest.raises(UserError):
         nodes.apply(patched.ws, spec)
     assert {t for t, _, _ in tf.applied} == {"g5.xlarge"}
+
+
+def test_a_replacing_apply_is_announced(ws: Workspace) -> None:
+    gen = ws.paths.generated
+    gen.mkdir(parents=True)
+    saved = {"instance_type": "c7i.xlarge", "market": "on-demand", "max_hours": 8.0, "idle_minutes": 30}
+    (gen / "node_vars.json").write_text(json.dumps(saved))
+    spec = nodes.resolve_spec(ws, cpu=True)
+    assert nodes.replacement_warning(ws, spec) is None  # no nodes running
+    node = {k: "x" for k in nodes.Node.__dataclass_fields__} | {"index": 0, "port": 22}
+    (gen / "nodes.json").write_text(json.dumps({"stage": ws.stage, "nodes": [node]}))
+    assert nodes.replacement_warning(ws, spec) is None  # same values: an in-place apply
+    msg = nodes.replacement_warning(ws, nodes.resolve_spec(ws, cpu=True, max_hours=4))
+    assert msg and "max_hours 8.0 -> 4.0" in msg and "killed" in msg

@@ -304,3 +304,28 @@ def test_inv_tfvars_parses_with_the_seed_variables(sandbox_project):
     assert plain["environment"] == "test"
     assert plain["aws_endpoint"].startswith("http://127.0.0.1:")
     assert os.access(path, os.R_OK)
+
+
+def test_untranslated_aws_and_os_errors_are_one_line(monkeypatch) -> None:
+    """The task guard turns an AWS or file error we did not foresee into one line, not a traceback."""
+    import botocore.exceptions
+    from invoke import Context, Exit
+
+    import tasks
+    from remotefit import nodes
+
+    def boom_aws(ws):
+        raise botocore.exceptions.ClientError(
+            {"Error": {"Code": "UnauthorizedOperation", "Message": "no"}}, "DescribeInstances"
+        )
+
+    def boom_os(ws):
+        raise PermissionError(13, "Permission denied", "generated/nodes.json")
+
+    monkeypatch.setattr(tasks, "_ws", lambda c: object())
+    for boom, needle in ((boom_aws, "UnauthorizedOperation"), (boom_os, "Permission denied")):
+        monkeypatch.setattr(nodes, "status_rows", boom)
+        with pytest.raises(Exit) as exc:
+            tasks.status(Context())
+        assert exc.value.code == 1
+        assert "\n" not in str(exc.value.message) and needle in str(exc.value.message)
