@@ -403,7 +403,9 @@ def start_command(
         f"mkdir -p {q(outdir)} && cd {q(jobdir)} && "
         f"{{ [ ! -e {q(job.outputs)} ] || [ -L {q(job.outputs)} ] || "
         f"mv {q(job.outputs)} {q(job.outputs + '.before-' + run_id)}; }} && "
-        f"ln -sfn {q(outdir)} {q(job.outputs)} && printf '%s' {q(json.dumps(env or {}))} > {q(envfile)}"
+        f"ln -sfn {q(outdir)} {q(job.outputs)} && "
+        # 0600: job.toml [env] may carry tokens
+        f"(umask 077 && printf '%s' {q(json.dumps(env or {}))} > {q(envfile)})"
     )
     args = ["start", "--run-id", run_id, "--job-dir", jobdir, "--cmd", cmd, "--env-file", envfile, "--json"]
     if job.requirements:
