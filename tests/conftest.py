@@ -73,6 +73,16 @@ class Project:
             )
         return res
 
+    def ssh(self, alias: str, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run `command` on a node through the project's own ssh config, as a user would by hand."""
+        return subprocess.run(
+            ["ssh", "-F", str(self.generated / "ssh_config"), alias, command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
     def workspace(self):  # noqa: ANN201 - a Workspace bound to this project, for boto3 assertions
         from remotefit.workspace import Workspace
 

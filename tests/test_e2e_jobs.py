@@ -87,14 +87,8 @@ def run_id_of(text: str) -> str:
     return m.group(1)
 
 
-def ssh(p: Project, node: str, command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ssh", "-F", str(p.generated / "ssh_config"), node, command],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+def ssh(p: Project, alias: str, command: str) -> subprocess.CompletedProcess[str]:
+    return p.ssh(alias, command)
 
 
 def workdir(p: Project, index: int = 0) -> str:

@@ -32,13 +32,7 @@ WATCHDOG = ROOT / "scripts" / "node" / "watchdog.py"
 
 # -- helpers ----------------------------------------------------------------------------
 def ssh(p: Project, alias: str, command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ssh", "-F", str(p.generated / "ssh_config"), alias, command],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    return p.ssh(alias, command)
 
 
 def error_line(res: subprocess.CompletedProcess[str]) -> str:
