@@ -182,9 +182,15 @@ def node_variables(
         "max_hours": spec.max_hours,
         "idle_minutes": spec.idle_minutes,
         "ssh_user": ami["ssh_user"],
-        # moto does not implement placement groups; real AWS gets one for several nodes.
-        "cluster_placement": spec.nodes > 1 and ws.supports("placement_groups"),
+        # moto does not implement placement groups; real AWS gets one for several nodes of a type that
+        # supports cluster placement (burstable T and *-flex types do not).
+        "cluster_placement": spec.nodes > 1 and ws.supports("placement_groups") and cluster_capable(instance_type),
     }
+
+
+def cluster_capable(instance_type: str) -> bool:
+    family = instance_type.split(".", 1)[0]
+    return not family.startswith("t") and not instance_type.endswith("-flex") and "flex" not in family
 
 
 def _owner(ws: Workspace) -> str:

@@ -282,3 +282,10 @@ def test_a_replacing_apply_is_announced(ws: Workspace) -> None:
     assert nodes.replacement_warning(ws, spec) is None  # same values: an in-place apply
     msg = nodes.replacement_warning(ws, nodes.resolve_spec(ws, cpu=True, max_hours=4))
     assert msg and "max_hours 8.0 -> 4.0" in msg and "killed" in msg
+
+
+@pytest.mark.parametrize(
+    ("itype", "ok"), [("g5.xlarge", True), ("c7i.xlarge", True), ("t3.large", False), ("c7i-flex.large", False)]
+)
+def test_cluster_placement_only_for_types_that_support_it(itype: str, ok: bool) -> None:
+    assert nodes.cluster_capable(itype) is ok
