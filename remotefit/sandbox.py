@@ -114,24 +114,29 @@ class Sandbox:
         if srv:
             return srv
         self.dir.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        # Its own session: it survives the invoke process; `sandbox.down` stops it.
-        proc = spawn_daemon(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            self.dir / "moto.log",
-            env={"MOTO_IAM_LOAD_MANAGED_POLICIES": "true", **SANDBOX_REGION_CREDENTIALS},
-        )
-        srv = Server(pid=proc.pid, port=port, started_at=time.time())
-        deadline = time.monotonic() + 30
-        while not _answers(srv.endpoint):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_pid(proc.pid, "moto")
-                tail = (self.dir / "moto.log").read_text(errors="replace").strip().splitlines()[-1:]
-                raise UserError(
-                    f"the sandbox moto server did not start ({tail[0] if tail else 'no output'}); "
-                    "run scripts/bootstrap to install moto[server]"
-                )
+        last = "no output"
+        for _attempt in range(3):  # a free port can be taken by another process before moto binds it
+            port = free_port()
+            # Its own session: it survives the invoke process; `sandbox.down` stops it.
+            proc = spawn_daemon(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                self.dir / "moto.log",
+                env={"MOTO_IAM_LOAD_MANAGED_POLICIES": "true", **SANDBOX_REGION_CREDENTIALS},
+            )
+            srv = Server(pid=proc.pid, port=port, started_at=time.time())
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and not _answers(srv.endpoint) and time.monotonic() < deadline:
+                time.sleep(0.1)
             time.sleep(0.1)
+            if proc.poll() is None and _answers(srv.endpoint):  # ours answers, not a stranger on the port
+                break
+            stop_pid(proc.pid, "moto")
+            tail = (self.dir / "moto.log").read_text(errors="replace").strip().splitlines()[-1:]
+            last = tail[0] if tail else "no output"
+        else:
+            raise UserError(
+                f"the sandbox moto server did not start ({last}); run scripts/bootstrap to install moto[server]"
+            )
         atomic_write(self.record, json.dumps(asdict(srv)))
         echo(f"sandbox: moto server up at {srv.endpoint} (pid {srv.pid})")
         return srv
@@ -199,18 +204,23 @@ class Sandbox:
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         user = _user()
-        port = free_port()
-        config = sshd_config_text(port, host_key, d / "authorized_keys", d / "sshd.pid", user, instance_id)
-        atomic_write(d / "sshd_config", config, mode=0o600)
-        proc = spawn_daemon([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log")
+        last = "no output"
+        for _attempt in range(3):  # a free port can be taken by another process before sshd binds it
+            port = free_port()
+            config = sshd_config_text(port, host_key, d / "authorized_keys", d / "sshd.pid", user, instance_id)
+            atomic_write(d / "sshd_config", config, mode=0o600)
+            proc = spawn_daemon([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log")
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and not _port_open(port) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if proc.poll() is None and _port_open(port):
+                break
+            stop_pid(proc.pid, "sshd")
+            tail = (d / "sshd.log").read_text(errors="replace").strip().splitlines()[-1:]
+            last = tail[0] if tail else "no output"
+        else:
+            raise UserError(f"sandbox sshd for {instance_id} did not start: {last}")
         node = SandboxNode(instance_id=instance_id, port=port, pid=proc.pid, user=user, workdir=str(home / "remotefit"))
-        deadline = time.monotonic() + 10
-        while not _port_open(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_pid(proc.pid, "sshd")
-                msg = (d / "sshd.log").read_text(errors="replace").strip().splitlines()[-1:]
-                raise UserError(f"sandbox sshd for {instance_id} did not start: {msg[0] if msg else 'no output'}")
-            time.sleep(0.05)
         if endpoint:  # only once the node is reachable: a failed start leaves no watchdog looping
             node.watchdog_pid = self._start_watchdog(d, node, endpoint, region, max_hours, idle_minutes)
         atomic_write(d / "node.json", json.dumps(asdict(node)))
