@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import os
 import subprocess
@@ -29,16 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-TRAIN_PY = Path(__file__).resolve().parent.parent / "jobs" / "resnet" / "train.py"
+from bench.bench_resnet_cpu import TRAIN_PY, load_train_module
+
 TARGET = 2.5
-
-
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("resnet_train", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["resnet_train"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def measure(train, mode: str, opts: argparse.Namespace, x_u8: torch.Tensor, y: torch.Tensor) -> float:

@@ -48,6 +48,8 @@ class Workspace:
         self.paths = Paths.at(root)
         self.settings = settings or load_settings(self.paths.root)
         self.defaults = defaults if isinstance(defaults, Defaults) else load_defaults(defaults)
+        self._identity: dict[str, str] | None = None
+        self._public_cidr: str | None = None
 
     @property
     def stage(self) -> str:
@@ -103,7 +105,13 @@ class Workspace:
         )
 
     def caller_identity(self) -> dict[str, str]:
-        """STS GetCallerIdentity, with missing or expired credentials turned into one clear line."""
+        """STS GetCallerIdentity (asked once per Workspace: apply's pre-flight and every capacity
+        fallback need it), with missing or expired credentials turned into one clear line."""
+        if self._identity is None:
+            self._identity = self._ask_identity()
+        return self._identity
+
+    def _ask_identity(self) -> dict[str, str]:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
@@ -137,12 +145,15 @@ class Workspace:
             return check_cidr(override, i_know)
         if self.endpoint:
             return LOOPBACK_CIDR  # sandbox nodes listen on loopback
+        if self._public_cidr:
+            return self._public_cidr  # looked up once per Workspace
         import urllib.request
 
         try:
             with urllib.request.urlopen(self.defaults.caller_ip_url, timeout=5) as r:  # noqa: S310
                 ip = r.read().decode().strip()
-            return f"{ipaddress.ip_address(ip)}/32"
+            self._public_cidr = f"{ipaddress.ip_address(ip)}/32"
+            return self._public_cidr
         except (OSError, ValueError):
             raise UserError(
                 f"could not find this machine's public IP from {self.defaults.caller_ip_url}; "

@@ -914,16 +914,20 @@ def run(args: argparse.Namespace, stop: StopFlag, dctx: DistContext) -> int:
         f" x {dctx.world} processes" if dctx.world > 1 else ""
     )
 
-    def checkpoint() -> None:
-        """Collective (all ranks call it at the same step); rank 0 writes."""
+    def reduced_loss() -> torch.Tensor:
+        """Collective: BN buffers synced, then [loss sum, loss count] summed over ranks."""
         trainer.sync_buffers()
-        sums = dctx.all_reduce(
+        return dctx.all_reduce(
             torch.tensor(
                 [prog.loss_sum, prog.loss_count],
                 dtype=torch.float64,
                 device=device if dctx.initialized and device.type == "cuda" else "cpu",
             )
         )
+
+    def checkpoint() -> None:
+        """Collective (all ranks call it at the same step); rank 0 writes."""
+        sums = reduced_loss()
         if dctx.is_main:
             prog.loss_sum, prog.loss_count = float(sums[0]), int(sums[1])
             state = {
@@ -1036,14 +1040,7 @@ def run(args: argparse.Namespace, stop: StopFlag, dctx: DistContext) -> int:
             return exit_for(reason)
 
         # ---- end of epoch: evaluate, record, checkpoint
-        trainer.sync_buffers()
-        sums = dctx.all_reduce(
-            torch.tensor(
-                [prog.loss_sum, prog.loss_count],
-                dtype=torch.float64,
-                device=device if dctx.initialized and device.type == "cuda" else "cpu",
-            )
-        )
+        sums = reduced_loss()
         train_loss = float(sums[0] / max(sums[1], 1))
         test_loss, test_acc = trainer.evaluate(x_test, y_test)
         lr = trainer.optimizer.param_groups[0]["lr"]
