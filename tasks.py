@@ -25,6 +25,8 @@ NODE_FLAGS_HELP = {
     "idle_minutes": "Nodes terminate themselves after this many idle minutes (default 30).",
     "allow_cidr": "The only CIDR allowed to SSH in (default: this machine's public IP /32).",
     "i_know": "Allow --allow-cidr 0.0.0.0/0 (SSH open to the whole internet). Not recommended.",
+    "data_bucket": "An S3 bucket the nodes may read for job.toml [data]; repeatable (adds to invoke.yaml's "
+    "data_buckets). The node role reads these and nothing else.",
 }
 
 
@@ -154,7 +156,7 @@ def validate(c):
 
 
 # -- nodes --------------------------------------------------------------------------------
-@task(help=NODE_FLAGS_HELP)
+@task(help=NODE_FLAGS_HELP, iterable=["data_bucket"])
 @_guard
 def plan(
     c,
@@ -168,6 +170,7 @@ def plan(
     idle_minutes=None,
     allow_cidr=None,
     i_know=False,
+    data_bucket=None,
 ):
     """Show what apply would create and what it would cost."""
     from remotefit import nodes as nd
@@ -182,7 +185,8 @@ def plan(
         **NODE_FLAGS_HELP,
         "yes": "Do not ask for confirmation.",
         "refresh_ami": "Re-resolve the AMI (replaces nodes).",
-    }
+    },
+    iterable=["data_bucket"],
 )
 @_guard
 def apply(
@@ -199,18 +203,17 @@ def apply(
     i_know=False,
     yes=False,
     refresh_ami=False,
+    data_bucket=None,
 ):
     """Provision the nodes, wait until they answer over SSH, and write generated/ssh_config."""
     from remotefit import nodes as nd
 
     ws = _ws(c)
     spec = _spec(ws, locals())
-    warning = nd.replacement_warning(ws, spec)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
     if not yes:
         _confirm(f"Apply {spec.nodes} × {spec.instance_type} ({spec.market}) for stage {ws.stage}?")
-    nd.apply(ws, spec, refresh_ami=refresh_ami)
+    # With nodes running, apply plans first and asks again if that plan replaces or resizes any of them.
+    nd.apply(ws, spec, refresh_ami=refresh_ami, confirm=None if yes else _confirm)
     _say(nd.table(nd.status_rows(ws)))
     print(f"ssh: ssh -F {ws.paths.ssh_config} {nd.inventory(ws)[0].alias}")
 
@@ -228,9 +231,7 @@ def status(c):
     """Show the nodes: state, addresses, uptime, cost so far and time to the deadline."""
     from remotefit import nodes as nd
 
-    ws = _ws(c)
-    rows = nd.status_rows(ws)
-    _say(nd.table(rows) if rows else [f"no nodes for stage {ws.stage} (run `inv apply`)"])
+    _say(nd.status_lines(_ws(c)))
 
 
 @task(help={"node": "Which node (index, default 0)."})
@@ -307,19 +308,40 @@ def sync(c, job, nodes=0):
         "nodes": "Run on the first N nodes (default: all provisioned nodes).",
         "local": "Run on this machine with the same contract, to try a job before paying.",
         "cancel_on_interrupt": "Ctrl-C cancels the run instead of detaching from it.",
-    }
+        "env": "Forward a variable to the job: NAME (its value here) or NAME=VALUE; repeatable. "
+        "Never written to a file here; prefer NAME (a VALUE shows in this machine's ps and shell history).",
+        "tensorboard": "Serve TensorBoard for the run (job.toml tensorboard, default <outputs>/tb) through a tunnel.",
+    },
+    iterable=["env"],
 )
 @_guard
-def fit(c, job, gpu=False, cpu=False, cmd=None, args="", detach=False, nodes=0, local=False, cancel_on_interrupt=False):
+def fit(
+    c,
+    job,
+    gpu=False,
+    cpu=False,
+    cmd=None,
+    args="",
+    detach=False,
+    nodes=0,
+    local=False,
+    cancel_on_interrupt=False,
+    env=None,
+    tensorboard=False,
+):
     """Sync a job, run it on the nodes, stream its log and pull its outputs home."""
     from remotefit import jobs
     from remotefit.config import Paths
 
     extra = shlex.split(args) + _after_dashes(c)
+    spec = jobs.load_job(job, cmd=cmd)
+    secrets, warnings = jobs.passed_env(spec, env or [])
+    for line in warnings:
+        print(line, file=sys.stderr)
     ws = None if local else _ws(c)
     code = jobs.fit(
         ws,
-        jobs.load_job(job, cmd=cmd),
+        spec,
         extra,
         gpu=gpu,
         cpu=cpu,
@@ -328,6 +350,8 @@ def fit(c, job, gpu=False, cpu=False, cmd=None, args="", detach=False, nodes=0, 
         local=local,
         cancel_on_interrupt=cancel_on_interrupt,
         paths=Paths.at(ROOT),
+        secrets=secrets,
+        tensorboard_flag=tensorboard,
     )
     if code:
         raise Exit(code=code)
@@ -385,7 +409,7 @@ def demo(c, keep=False):
 @task(name="up")
 @_guard
 def sandbox_up(c):
-    """Start the sandbox moto server (harmless when it already runs)."""
+    """Start the sandbox moto server, restoring its last state (harmless when it already runs)."""
     from remotefit.config import Paths
     from remotefit.sandbox import Sandbox
 
@@ -395,11 +419,12 @@ def sandbox_up(c):
 @task(name="down")
 @_guard
 def sandbox_down(c):
-    """Stop the sandbox: the moto server and every sandbox node."""
+    """Stop the sandbox (moto server, nodes, our ssh connections to them) and forget its state."""
     from remotefit.config import Paths
     from remotefit.sandbox import Sandbox
 
-    stopped = Sandbox(Paths.at(ROOT).sandbox_dir).down()
+    paths = Paths.at(ROOT)
+    stopped = Sandbox(paths.sandbox_dir).down(ssh_config=paths.ssh_config)
     _say([f"stopped {s}" for s in stopped] or ["the sandbox was not running"])
 
 
@@ -412,11 +437,63 @@ def sandbox_status(c):
 
     sb = Sandbox(Paths.at(ROOT).sandbox_dir)
     srv = sb.server()
-    print(f"moto server: {srv.endpoint} (pid {srv.pid})" if srv else "moto server: not running")
+    print(
+        f"moto server: {srv.endpoint} (pid {srv.pid})"
+        if srv
+        else "moto server: not running (`inv sandbox.up` restores its state and re-adopts live nodes)"
+    )
     for n in sb.nodes():
         print(f"node {n.instance_id}: ssh on 127.0.0.1:{n.port} (pid {n.pid}, {'up' if n.alive() else 'dead'})")
 
 
+# -- tunnels -------------------------------------------------------------------------------
+@task(
+    name="open",
+    positional=["port"],
+    help={
+        "port": "The node's port to forward, e.g. 6006 (TensorBoard) or 8888 (Jupyter).",
+        "node": "Which node (default 0).",
+        "local_port": "The port on this machine (default: the same as PORT, or the next free one).",
+        "wait": "Seconds to wait for something to listen on PORT on the node (default 10).",
+    },
+)
+@_guard
+def tunnel_open(c, port, node=0, local_port=None, wait=None):
+    """Forward a node's port to 127.0.0.1 on this machine and print its URL."""
+    from remotefit import nodes as nd
+    from remotefit import tunnel
+
+    remote_port = tunnel.valid_port(_number(port, "port", int), "PORT")
+    index = _number(node, "node", int)
+    local = None if local_port is None else tunnel.valid_port(_number(local_port, "local-port", int), "--local-port")
+    wait_s = 10.0 if wait is None else _number(wait, "wait", float)
+    ws = _ws(c)
+    _, lines = tunnel.open_tunnel(ws, nd.require_nodes(ws), remote_port, node=index, local_port=local, wait_s=wait_s)
+    _say(lines)
+
+
+@task(name="list")
+@_guard
+def tunnel_list(c):
+    """List the open tunnels with their URLs."""
+    from remotefit import tunnel
+
+    _say(tunnel.list_lines(_ws(c)))
+
+
+@task(name="close", help={"port": "Close only the tunnel on this local port (default: all)."})
+@_guard
+def tunnel_close(c, port=None):
+    """Close the open tunnels (or one, by its local port)."""
+    from remotefit import tunnel
+
+    _say(tunnel.close(_ws(c), _number(port, "port", int)))
+
+
+tunnel_ns = Collection("tunnel")
+tunnel_ns.add_task(tunnel_open, default=True)
+tunnel_ns.add_task(tunnel_list)
+tunnel_ns.add_task(tunnel_close)
 sandbox = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status)
 ns = Collection(
     check,
@@ -441,4 +518,5 @@ ns = Collection(
     cancel,
     demo,
     sandbox,
+    tunnel_ns,
 )

@@ -49,7 +49,7 @@ def render_parse(out_dir: Path) -> tuple[float, float]:
     times = []
     for _ in range(RENDER_RUNS):
         t0 = time.perf_counter()
-        render_terraform(ROOT / "templates", out_dir, ROOT / "scripts")
+        render_terraform(ROOT / "templates", out_dir)
         times.append(time.perf_counter() - t0)
     return times[0], statistics.median(times[1:])
 

@@ -3,12 +3,12 @@
     python -m bench.bench_resnet_gpu                  # ~2-4 min on an H100; needs CUDA
     OUT=/some/dir python -m bench.bench_resnet_gpu    # also writes $OUT/gpu_bench.md
 
-Measures, in one process on one GPU, samples/s of the training step for
+Measures, in one process on one GPU, samples/s of train.py's own `Trainer.train_step` (what users run) for
   1. fp32 eager, NCHW (PyTorch defaults)                                      -- the baseline
   2. bf16 autocast + channels_last (what train.py does on CUDA)
   3. bf16 autocast + channels_last + torch.compile (train.py --compile)
-all with the same model (width 64 = standard ResNet-18), batch, optimizer and the same on-GPU batched data
-path, then a short end-to-end `train.py --data synthetic` run (50k CIFAR-shaped 32x32 images, 1 epoch) as a
+each selected by train.py's own flags (--precision, --memory-format, --compile), with the same model (width
+64 = standard ResNet-18), batch, optimizer, schedule and on-GPU batched data, then a short end-to-end `train.py --data synthetic` run (50k CIFAR-shaped 32x32 images, 1 epoch) as a
 subprocess, which includes evaluation, checkpointing and the outputs. Prints a markdown table with the device,
 date, figures and the speed-up over fp32 (target: >= 2.5x).
 """
@@ -26,35 +26,34 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from bench.bench_resnet_cpu import TRAIN_PY, load_train_module
 
 TARGET = 2.5
 
 
-def measure(train, mode: str, opts: argparse.Namespace, x_u8: torch.Tensor, y: torch.Tensor) -> float:
-    """Samples/s of the full training step (batch gather, augmentation, forward, backward, SGD)."""
-    dev = x_u8.device
-    fp32 = mode == "fp32"
-    fmt = torch.contiguous_format if fp32 else torch.channels_last
-    torch.manual_seed(0)
-    model = train.ResNet18(10, opts.width).to(dev).to(memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    net = torch.compile(model) if mode == "bf16+cl+compile" else model
-    scale, shift = 1 / (255 * 0.25), 0.5 / 0.25
+MODE_ARGS = {  # train.py flags per mode: the job's own Trainer builds model, optimizer and step from them
+    "fp32": ["--precision", "fp32", "--memory-format", "contiguous"],
+    "bf16+cl": ["--precision", "bf16", "--memory-format", "channels_last"],
+    "bf16+cl+compile": ["--precision", "bf16", "--memory-format", "channels_last", "--compile"],
+}
+
+
+def measure(train, mode: str, opts: argparse.Namespace, data) -> float:
+    """Samples/s of train.py's own `Trainer.train_step` (augmentation, normalisation, forward, backward, SGD,
+    schedule) on batches gathered from the data set held on the GPU, as train.py feeds them there."""
+    dev = torch.device("cuda", 0)
+    argv = ["--data", "synthetic", "--batch-size", str(opts.batch_size), "--width", str(opts.width)]
+    args = train.build_parser().parse_args([*argv, *MODE_ARGS[mode]])
+    dctx = train.DistContext()
+    train.configure_backends(args, dev, dctx)
+    trainer = train.Trainer(args, data, dev, dctx, steps_per_epoch=len(data.x_train) // opts.batch_size)
+    x_u8, y = data.x_train.to(dev), data.y_train.to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
 
     def step(i: int) -> None:
-        idx = torch.randint(0, len(x_u8), (opts.batch_size,), device=dev)
-        xb = train.augment(x_u8[idx], train.step_generator(0, i, 0), 4)
-        xb = xb.float().mul_(scale).sub_(shift).contiguous(memory_format=fmt)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16, enabled=not fp32)
-        with ctx:
-            loss = criterion(net(xb), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        idx = torch.randint(0, len(x_u8), (opts.batch_size,), device=dev, generator=g)
+        trainer.train_step(x_u8[idx], y[idx], i)
 
     for i in range(opts.warmup):  # includes compilation and cudnn autotuning
         step(i)
@@ -118,17 +117,14 @@ def main() -> int:
     dev = torch.device("cuda", 0)
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(dev)
-    g = torch.Generator().manual_seed(0)
-    x_u8 = torch.randint(0, 256, (50_000, 3, 32, 32), generator=g, dtype=torch.uint8).to(dev)
-    y = torch.randint(0, 10, (50_000,), generator=g).to(dev)
+    data = train.load_synthetic_data(32, 50_000)  # what `train.py --data synthetic` trains on
 
     modes = ["fp32", "bf16+cl"] + ([] if opts.skip_compile else ["bf16+cl+compile"])
     results: dict[str, float] = {}
     for mode in modes:
-        results[mode] = measure(train, mode, opts, x_u8, y)
+        results[mode] = measure(train, mode, opts, data)
         print(f"{mode}: {results[mode]:.0f} samples/s", flush=True)
-    del x_u8, y
-    torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
 
     runs = {}
     if not opts.skip_end_to_end:
@@ -151,8 +147,8 @@ def main() -> int:
         f"Device: **{name}**, torch {torch.__version__}, CUDA {torch.version.cuda}, "
         f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}.",
         f"CIFAR-shaped synthetic data (3x32x32, on the GPU), ResNet-18 width {opts.width}, batch "
-        f"{opts.batch_size}, {opts.steps} timed steps after {opts.warmup} warm-up steps; the step includes",
-        "the batch gather, crop+flip, forward, backward and SGD.",
+        f"{opts.batch_size}, {opts.steps} timed steps after {opts.warmup} warm-up steps of train.py's own",
+        "`Trainer.train_step` (crop+flip, normalise, forward, backward, SGD, schedule) on batches gathered on the GPU.",
         "",
         "| mode | samples/s | vs fp32 |",
         "|---|---:|---:|",

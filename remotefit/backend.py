@@ -374,35 +374,34 @@ def _fix_encryption(s3: S3Client, bucket: str, _state: Any, _ctx: _Ctx) -> None:
     )
 
 
-def _our_lifecycle_rule() -> dict[str, Any]:
-    return {
-        "ID": LIFECYCLE_RULE_ID,
-        "Status": "Enabled",
-        "Filter": {},
-        "NoncurrentVersionExpiration": {"NoncurrentDays": NONCURRENT_DAYS},
-        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": ABORT_MULTIPART_DAYS},
-    }
+def _our_lifecycle_rule(versioned: bool = True) -> dict[str, Any]:
+    rule: dict[str, Any] = {"ID": LIFECYCLE_RULE_ID, "Status": "Enabled", "Filter": {}}
+    if versioned:  # old state versions go after a while; an unversioned runs bucket has none
+        rule["NoncurrentVersionExpiration"] = {"NoncurrentDays": NONCURRENT_DAYS}
+    rule["AbortIncompleteMultipartUpload"] = {"DaysAfterInitiation": ABORT_MULTIPART_DAYS}
+    return rule
 
 
-def _lifecycle_rule_ok(rule: dict[str, Any]) -> bool:
+def _lifecycle_rule_ok(rule: dict[str, Any], versioned: bool = True) -> bool:
     filt = rule.get("Filter")
     whole_bucket = not rule.get("Prefix") and (filt is None or filt in ({}, {"Prefix": ""}))
+    noncurrent = rule.get("NoncurrentVersionExpiration", {}).get("NoncurrentDays")
     return (
         rule.get("Status") == "Enabled"
         and whole_bucket
-        and rule.get("NoncurrentVersionExpiration", {}).get("NoncurrentDays") == NONCURRENT_DAYS
+        and noncurrent == (NONCURRENT_DAYS if versioned else None)
         and rule.get("AbortIncompleteMultipartUpload", {}).get("DaysAfterInitiation") == ABORT_MULTIPART_DAYS
     )
 
 
-def _check_lifecycle(s3: S3Client, bucket: str) -> tuple[bool, str, Any]:
+def _check_lifecycle(s3: S3Client, bucket: str, versioned: bool = True) -> tuple[bool, str, Any]:
     resp = _read(s3, "get_bucket_lifecycle_configuration", bucket)
     rules = (resp or {}).get("Rules", [])
     ours = [r for r in rules if r.get("ID") == LIFECYCLE_RULE_ID]
     if not ours:
         desc = f"no {LIFECYCLE_RULE_ID} rule" + (f", {len(rules)} other rule(s) kept" if rules else "")
         return False, desc, resp
-    if all(_lifecycle_rule_ok(r) for r in ours) and len(ours) == 1:
+    if all(_lifecycle_rule_ok(r, versioned) for r in ours) and len(ours) == 1:
         return True, "ok", resp
     return False, f"{LIFECYCLE_RULE_ID} rule differs", resp
 
@@ -414,10 +413,10 @@ def _clean_rule(rule: dict[str, Any]) -> dict[str, Any]:
     return rule
 
 
-def _fix_lifecycle(s3: S3Client, bucket: str, state: Any, _ctx: _Ctx) -> None:
+def _fix_lifecycle(s3: S3Client, bucket: str, state: Any, ctx: _Ctx) -> None:
     resp = state or {}
     rules = [_clean_rule(r) for r in resp.get("Rules", []) if r.get("ID") != LIFECYCLE_RULE_ID]
-    rules.append(_our_lifecycle_rule())
+    rules.append(_our_lifecycle_rule(ctx.versioned))
     kwargs: dict[str, Any] = {"LifecycleConfiguration": {"Rules": rules}}
     if resp.get("TransitionDefaultMinimumObjectSize"):
         kwargs["TransitionDefaultMinimumObjectSize"] = resp["TransitionDefaultMinimumObjectSize"]
@@ -497,6 +496,7 @@ def _fix_policy(s3: S3Client, bucket: str, state: Any, ctx: _Ctx) -> None:
 class _Ctx:
     region: str
     tags: dict[str, str]
+    versioned: bool = True
 
 
 def _check_tags(s3: S3Client, bucket: str, wanted: dict[str, str]) -> tuple[bool, str, Any]:
@@ -543,7 +543,22 @@ _HARDENING: tuple[tuple[str, _Checker, _Fixer], ...] = (
 def ensure_state_bucket(
     s3: S3Client, bucket: str, region: str, tags: dict[str, str], *, require_tls: bool = True
 ) -> BucketReport:
-    """Create (if needed) and harden the Terraform state bucket; repair only what has drifted.
+    """Create (if needed) and harden the Terraform state bucket; repair only what has drifted (`ensure_bucket`)."""
+    return ensure_bucket(s3, bucket, region, tags, require_tls=require_tls, versioned=True)
+
+
+def ensure_runs_bucket(
+    s3: S3Client, bucket: str, region: str, tags: dict[str, str], *, require_tls: bool = True
+) -> BucketReport:
+    """The runs bucket: hardened like the state bucket, but not versioned — a checkpoint uploaded every
+    minute would otherwise keep every old copy (and bill for it) for 90 days."""
+    return ensure_bucket(s3, bucket, region, tags, require_tls=require_tls, versioned=False)
+
+
+def ensure_bucket(
+    s3: S3Client, bucket: str, region: str, tags: dict[str, str], *, require_tls: bool = True, versioned: bool = True
+) -> BucketReport:
+    """Create (if needed) and harden a bucket of ours; repair only what has drifted.
 
     `s3` is a boto3 S3 client built by the caller (it may point at a moto server).
     `require_tls=False` leaves the bucket policy alone (reported in `skipped`): use it only for
@@ -563,8 +578,12 @@ def ensure_state_bucket(
         raise _wrong_region(bucket, actual, region)
 
     report = BucketReport(bucket=bucket, region=region, created=created)
-    ctx = _Ctx(region=region, tags=dict(tags))
-    steps: list[tuple[str, _Checker, _Fixer]] = list(_HARDENING)
+    ctx = _Ctx(region=region, tags=dict(tags), versioned=versioned)
+    steps: list[tuple[str, _Checker, _Fixer]] = [
+        (name, (lambda c, b: _check_lifecycle(c, b, versioned)) if name == "lifecycle" else check, fix)
+        for name, check, fix in _HARDENING
+        if versioned or name != "versioning"
+    ]
     steps.insert(
         len(steps) - 1,
         ("tags", lambda c, b: _check_tags(c, b, ctx.tags), _fix_tags),
@@ -584,17 +603,18 @@ def ensure_state_bucket(
     return report
 
 
-def verify_state_bucket(s3: S3Client, bucket: str) -> dict[str, bool]:
+def verify_state_bucket(s3: S3Client, bucket: str, *, versioned: bool = True) -> dict[str, bool]:
     """Read every hardening setting back: setting name -> whether it is as `ensure` leaves it.
 
-    Keys: ``exists`` plus ownership, public-access-block, versioning, encryption, lifecycle
-    and tls-policy (tags are not checked: they depend on the caller's wanted tags). A missing
-    bucket gives all False.
+    Keys: ``exists`` plus ownership, public-access-block, versioning (versioned buckets only),
+    encryption, lifecycle and tls-policy (tags are not checked: they depend on the caller's wanted
+    tags). A missing bucket gives all False.
     """
-    names = [name for name, _, _ in _HARDENING]
+    names = [name for name, _, _ in _HARDENING if versioned or name != "versioning"]
     if _head(s3, bucket) is None:
         return {"exists": False, **dict.fromkeys(names, False)}
     result = {"exists": True}
     for name, check, _ in _HARDENING:
-        result[name] = check(s3, bucket)[0]
+        if name in names:
+            result[name] = (_check_lifecycle(s3, bucket, versioned) if name == "lifecycle" else check(s3, bucket))[0]
     return result

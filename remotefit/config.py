@@ -9,24 +9,32 @@ Tool defaults (instance types, sizes, timeouts) live in `invoke.yaml` under `rem
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from remotefit.ami import DEFAULT_GPU_IMAGE
 from remotefit.errors import UserError
 
 ENV_FILE = "aws_env_vars"
 ENV_FILE_ENV = "REMOTEFIT_ENV_FILE"  # lets tests and users point at another file
 GENERATED_ENV = "REMOTEFIT_GENERATED"  # lets tests isolate generated/
 RUNS_ENV = "REMOTEFIT_RUNS"  # and runs/
+HOME_ENV = "REMOTEFIT_HOME"  # where records that must outlive generated/ are kept (keys, the sandbox)
+
+# IAM role/instance profile name_prefix allows 38 characters (64 minus the provider's 26-character suffix);
+# "remotefit-" + STAGE + "-" must fit.
+STAGE_MAX = 38 - len("remotefit-") - 1
 
 _LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
 
@@ -41,7 +49,17 @@ def aws_regions() -> frozenset[str]:
     spec = importlib.util.find_spec("botocore")
     data_file = Path(spec.origin).parent / "data" / "endpoints.json" if spec and spec.origin else None
     if data_file and data_file.exists():
-        data = json.loads(data_file.read_bytes())
+        # Only the partitions' "regions" objects, decoded where they stand: parsing the whole 1.2 MB
+        # file (every service's endpoints) cost ~25 ms on every `inv` call.
+        text = data_file.read_text(encoding="utf-8")
+        decoder = json.JSONDecoder()
+        found: set[str] = set()
+        for m in re.finditer(r'"regions"\s*:\s*(?=\{)', text):
+            regions, _ = decoder.raw_decode(text, m.end())
+            found.update(regions)
+        if found:
+            return frozenset(found)
+        data = json.loads(text)
     else:
         import botocore.loaders
 
@@ -83,6 +101,10 @@ class Settings(BaseSettings):
     AWS_REGION: str = Field(description="The AWS region the nodes and the state bucket live in.")
     STAGE: str = Field(description="Stage (environment) name: one state key and one set of nodes per stage.")
     TF_STATE_BUCKET: str = Field(description="The S3 bucket holding Terraform state.")
+    RUNS_BUCKET: str | None = Field(
+        default=None,
+        description="The S3 bucket keeping every run's outputs and logs (default: TF_STATE_BUCKET + '-runs').",
+    )
     AWS_PROFILE: str | None = Field(default=None, description="Named profile from ~/.aws for real AWS.")
     TARGET: Literal["aws", "sandbox"] = Field(default="sandbox", description="aws, or the embedded sandbox.")
 
@@ -107,17 +129,36 @@ class Settings(BaseSettings):
     @field_validator("STAGE")
     @classmethod
     def _stage(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?", v):
-            raise ValueError("must be 1-32 lowercase letters, digits and hyphens, e.g. dev")
+        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?", v):
+            raise ValueError("must be lowercase letters, digits and hyphens, not starting or ending with one, e.g. dev")
+        if len(v) > STAGE_MAX:
+            raise ValueError(
+                f"is {len(v)} characters; at most {STAGE_MAX}: 'remotefit-<STAGE>-' is the name prefix of the "
+                "nodes' IAM role and instance profile, and AWS allows 38 characters there"
+            )
         return v
 
-    @field_validator("TF_STATE_BUCKET")
+    @field_validator("TF_STATE_BUCKET", "RUNS_BUCKET")
     @classmethod
-    def _bucket(cls, v: str) -> str:
-        problem = bucket_name_problem(v)
+    def _bucket(cls, v: str | None) -> str | None:
+        problem = bucket_name_problem(v) if v is not None else None
         if problem:
             raise ValueError(f"is not a valid S3 bucket name: it {problem}")
         return v
+
+    @field_validator("RUNS_BUCKET")
+    @classmethod
+    def _runs_apart(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and v == info.data.get("TF_STATE_BUCKET"):
+            raise ValueError("must not be TF_STATE_BUCKET: nodes write their results there, never near the state")
+        return v
+
+    @property
+    def runs_bucket(self) -> str:
+        """RUNS_BUCKET, or the state bucket's name + '-runs' (shortened to S3's 63 characters)."""
+        if self.RUNS_BUCKET:
+            return self.RUNS_BUCKET
+        return self.TF_STATE_BUCKET[: 63 - len("-runs")].rstrip(".-") + "-runs"
 
     @classmethod
     def settings_customise_sources(
@@ -159,18 +200,39 @@ class Defaults(BaseModel):
     cpu_disk_gb: int = 50
     ssh_ready_timeout_s: int = 900
     sync_warn_mb: int = 200
+    # S3 buckets every node may read for job.toml [data] (`inv apply --data-bucket NAME` adds more).
+    data_buckets: list[str] = []
     terraform_binary: str = "terraform"
     terraform_mirror: str | None = Field(default=None, description="Filesystem provider mirror for init.")
     caller_ip_url: str = "https://checkip.amazonaws.com"
+    # The Deep Learning AMI line of GPU nodes (a name under /aws/service/deeplearning/ami/x86_64/); the
+    # default and why it is that one: remotefit/ami.py DEFAULT_GPU_IMAGE.
+    gpu_image: str = Field(
+        default=DEFAULT_GPU_IMAGE,
+        description="Deep Learning AMI line for GPU nodes, e.g. oss-nvidia-driver-gpu-pytorch-2.12-ubuntu-24.04.",
+    )
+
+    @field_validator("gpu_image")
+    @classmethod
+    def _gpu_image(cls, v: str) -> str:
+        # Ubuntu lines only: nodes log in as `ubuntu` and the boot script uses apt.
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*-ubuntu-[0-9]{2}\.[0-9]{2}", v):
+            raise ValueError(
+                "must name an Ubuntu Deep Learning AMI line under /aws/service/deeplearning/ami/x86_64/, "
+                "e.g. oss-nvidia-driver-gpu-pytorch-2.12-ubuntu-24.04"
+            )
+        return v
 
 
 @dataclass(frozen=True)
 class Paths:
-    """Where things live. Everything we write goes under `generated/`."""
+    """Where things live. What we write goes under `generated/` (all of it can be rebuilt), except the
+    records in `kept` that cannot be (keys, the sandbox's own state)."""
 
     root: Path
     generated: Path
     runs: Path
+    home: Path = field(default_factory=lambda: remotefit_home())  # read once, when the paths are made
 
     @classmethod
     def at(cls, root: Path | str | None = None) -> Paths:
@@ -194,8 +256,15 @@ class Paths:
         return self.generated / "terraform"
 
     @property
+    def kept(self) -> Path:
+        """Records that must outlive `generated/` (a stage's private key, the sandbox's own records):
+        `rm -rf generated/` must not lock us out of running nodes. One folder per generated/ folder."""
+        return kept_dir(self.generated, self.home)
+
+    @property
     def sandbox_dir(self) -> Path:
-        return self.generated / "sandbox"
+        legacy = self.generated / "sandbox"  # where older versions kept it: used while it still holds a server
+        return legacy if (legacy / "moto.json").exists() else self.kept / "sandbox"
 
     @property
     def backend_file(self) -> Path:
@@ -207,6 +276,24 @@ class Paths:
 
     def tfvars(self, settings: Settings) -> Path:
         return self.generated / f"{settings.AWS_ACCOUNT}.tfvars"
+
+
+def remotefit_home(environ: Mapping[str, str] = os.environ) -> Path:
+    """$REMOTEFIT_HOME, else $XDG_DATA_HOME/remotefit, else ~/.local/share/remotefit."""
+    home = environ.get(HOME_ENV)
+    if home:
+        return Path(home).expanduser().resolve()
+    xdg = environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path(environ.get("HOME") or Path.home()) / ".local" / "share") / "remotefit"
+
+
+def kept_dir(generated: Path, home: Path | None = None) -> Path:
+    """The kept-records folder of the project whose generated/ folder this is: named after that folder's
+    absolute path (readable part + hash), so it survives the folder's removal and never collides."""
+    where = generated.resolve()
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{where.parent.name}-{where.name}").strip("_.") or "project"
+    digest = hashlib.sha256(str(where).encode()).hexdigest()[:12]
+    return (home or remotefit_home()) / "projects" / f"{slug[:40]}-{digest}"
 
 
 def _check_folder(path: Path, what: str) -> None:
@@ -229,7 +316,20 @@ def parse_env_file(path: Path) -> dict[str, tuple[str, int]]:
             f"or point {ENV_FILE_ENV} at yours"
         )
     out: dict[str, tuple[str, int]] = {}
-    for no, raw in enumerate(path.read_text().splitlines(), start=1):
+    for no, raw_bytes in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            raw = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"{path.name}:{no}: not UTF-8 text (byte {raw_bytes[exc.start]:#04x} at column {exc.start + 1}); "
+                "save it as plain text with KEY=VALUE lines"
+            ) from None
+        bad = next((ch for ch in raw if (ord(ch) < 32 and ch != "\t") or ord(ch) == 127), None)
+        if bad is not None:
+            raise UserError(
+                f"{path.name}:{no}: control character {bad!r} at column {raw.index(bad) + 1}; "
+                "save it as plain text with KEY=VALUE lines"
+            )
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -296,4 +396,5 @@ def load_defaults(raw: dict[str, Any] | None) -> Defaults:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        raise UserError(f"invoke.yaml: remotefit.{key}={err.get('input')!r}: {err['msg']}") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise UserError(f"invoke.yaml: remotefit.{key}={err.get('input')!r}: {msg}") from None

@@ -136,8 +136,10 @@ def _list_price_label(region: str) -> str:
     return f"{PRICE_REGION} list price as of {as_of}, region {region} may differ"
 
 
-def _spot_from_history(ec2: EC2Client, instance_type: str, now: datetime) -> tuple[float, int] | None:
-    """Lowest current spot price across AZs and the number of AZs quoted, or None if EC2 won't say."""
+def _spot_from_history(
+    ec2: EC2Client, instance_type: str, now: datetime, az: str | None = None
+) -> tuple[float, int] | None:
+    """Lowest current spot price across AZs (or in `az` only) and the number of AZs quoted, or None."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -154,9 +156,11 @@ def _spot_from_history(ec2: EC2Client, instance_type: str, now: datetime) -> tup
         for row in resp.get("SpotPriceHistory", []):
             if row.get("InstanceType", instance_type) != instance_type:
                 continue
-            az, ts, price = row["AvailabilityZone"], row["Timestamp"], float(row["SpotPrice"])
-            if az not in latest or ts > latest[az][0]:
-                latest[az] = (ts, price)
+            zone, ts, price = row["AvailabilityZone"], row["Timestamp"], float(row["SpotPrice"])
+            if az is not None and zone != az:
+                continue
+            if zone not in latest or ts > latest[zone][0]:
+                latest[zone] = (ts, price)
     # NotImplementedError: moto's in-process mock for actions it lacks; the rest: no network,
     # no credentials, AccessDenied, or a malformed row. An estimate must never stop a run.
     except (BotoCoreError, ClientError, NotImplementedError, KeyError, ValueError, TypeError):
@@ -173,6 +177,7 @@ def hourly_price(
     region: str,
     ec2: EC2Client | None = None,
     now: datetime | None = None,
+    az: str | None = None,
 ) -> Price:
     """Per-node $/hour for `instance_type` in `market`.
 
@@ -189,10 +194,11 @@ def hourly_price(
 
     if market == "spot":
         if ec2 is not None:
-            quoted = _spot_from_history(ec2, t, now or datetime.now(UTC))
+            quoted = _spot_from_history(ec2, t, now or datetime.now(UTC), az)
             if quoted is not None:
                 price, n_azs = quoted
-                return Price(price, f"current spot price in {region}, lowest of {n_azs} AZs")
+                where = f"in {az}" if az else f"in {region}, lowest of {n_azs} AZs"
+                return Price(price, f"current spot price {where}")
         if on_demand is None:
             return Price(None, "unknown")
         return Price(
@@ -205,6 +211,13 @@ def hourly_price(
     if on_demand is None:
         return Price(None, "unknown")
     return Price(on_demand, _list_price_label(region))
+
+
+def extras_per_hour(disk_gb: float, public_ip: bool = True) -> float:
+    """Per node $/h beyond the instance: its gp3 root volume and its public IPv4 address (billed since 2024)."""
+    table = price_table()
+    disk = float(table["ebs_gp3_usd_per_gb_month"]) * disk_gb / float(table["hours_per_month"])
+    return disk + (float(table["public_ipv4_usd_per_hour"]) if public_ip else 0.0)
 
 
 def format_usd(x: float, decimals: int = 2) -> str:
@@ -232,19 +245,26 @@ class Estimate:
     max_hours: float
     region: str
     price: Price
+    disk_gb: float = 0.0  # the root volume of each node, counted in $/h when > 0
+    public_ip: bool = False  # each node's public IPv4 address, counted in $/h when True
+
+    @property
+    def extras_usd_per_hour(self) -> float:
+        return extras_per_hour(self.disk_gb, self.public_ip)
 
     @property
     def per_node_usd_per_hour(self) -> float | None:
-        return self.price.usd_per_hour
+        p = self.price.usd_per_hour
+        return None if p is None else p + self.extras_usd_per_hour
 
     @property
     def total_usd_per_hour(self) -> float | None:
-        p = self.price.usd_per_hour
+        p = self.per_node_usd_per_hour
         return None if p is None else p * self.nodes
 
     @property
     def deadline_cap_usd(self) -> float | None:
-        """What the run costs if it runs until the hard deadline (instance hours only, not disks)."""
+        """What the run costs if it runs until the hard deadline (with disks and addresses when counted)."""
         total = self.total_usd_per_hour
         return None if total is None else total * self.max_hours
 
@@ -261,10 +281,17 @@ class Estimate:
             ]
         total = self.total_usd_per_hour
         cap = self.deadline_cap_usd
-        assert total is not None and cap is not None  # narrowed by `p is not None`
+        node = self.per_node_usd_per_hour
+        assert total is not None and cap is not None and node is not None  # narrowed by `p is not None`
         rate = (
-            f"{_rate(p)} per node × {self.nodes} nodes = {_rate(total)}" if self.nodes > 1 else f"{_rate(p)} (1 node)"
+            f"{_rate(node)} per node × {self.nodes} nodes = {_rate(total)}"
+            if self.nodes > 1
+            else f"{_rate(node)} (1 node)"
         )
+        parts = [f"{self.disk_gb:g} GB gp3 disk"] if self.disk_gb > 0 else []
+        parts += ["public IPv4 address"] if self.public_ip else []
+        if parts:
+            rate += f", of which {' and '.join(parts)} {_rate(self.extras_usd_per_hour)} per node"
         out = [f"{head}: {rate}; the {hours} hard deadline caps this run at {format_usd(cap)} ({self.price.source})"]
         # A list price the table itself flags as stale (e.g. P4/P5 after AWS's 2025 cut).
         row_note = price_table()["instance_types"].get(self.instance_type, {}).get("note")
@@ -284,6 +311,8 @@ def estimate(
     region: str,
     ec2: EC2Client | None = None,
     now: datetime | None = None,
+    disk_gb: float = 0.0,
+    public_ip: bool = False,
 ) -> Estimate:
     """Price `nodes` × `instance_type` in `market` for at most `max_hours` (the hard deadline)."""
     if nodes < 1:
@@ -292,7 +321,7 @@ def estimate(
         raise ValueError(f"max_hours must be > 0, not {max_hours}")
     t = instance_type.strip().lower()
     price = hourly_price(t, market, region, ec2=ec2, now=now)
-    return Estimate(t, market, nodes, float(max_hours), region, price)
+    return Estimate(t, market, nodes, float(max_hours), region, price, float(disk_gb), public_ip)
 
 
 def cost_so_far(

@@ -7,6 +7,7 @@ Ctrl-C — it destroys what it created, stops the sandbox and says what it clean
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -23,13 +24,13 @@ DEMO_STAGE = "demo"
 
 
 def _workspace(defaults: dict[str, Any], root: Path) -> Any:
-    from remotefit.config import GENERATED_ENV, Paths, load_settings
+    from remotefit.config import GENERATED_ENV, load_settings
     from remotefit.workspace import Workspace
 
     gen = Path(os.environ.get(GENERATED_ENV) or root / "generated") / "demo"
     settings = load_settings(root).model_copy(update={"TARGET": "sandbox", "STAGE": DEMO_STAGE})
     ws = Workspace(root=root, defaults=defaults, settings=settings)
-    ws.paths = Paths(root=ws.paths.root, generated=gen, runs=ws.paths.runs)
+    ws.paths = dataclasses.replace(ws.paths, generated=gen)
     return ws
 
 
@@ -53,7 +54,9 @@ def run(defaults: dict[str, Any], keep: bool = False, root: Path | None = None) 
 
     def fit() -> int:
         job = jobs.load_job(ws.paths.root / "jobs" / "resnet")
-        code = jobs.fit(ws, job, DEMO_ARGS)
+        # Ctrl-C cancels the run and reaches the demo's own handler (which destroys the node), rather
+        # than detaching from a run on a node that is about to go.
+        code = jobs.fit(ws, job, DEMO_ARGS, cancel_on_interrupt=True, raise_interrupt=True)
         if code:
             raise UserError(f"the demo job failed with exit code {code}", code=code)
         return code

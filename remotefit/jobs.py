@@ -1,6 +1,6 @@
 """Fitting jobs: a folder synced to the nodes, run there detached from SSH, outputs brought home.
 
-On the node, scripts/node/runner.py (uploaded to <workdir>/.remotefit/) starts the job in its own
+On the node, remotefit/node/runner.py (uploaded with contract.py to <workdir>/.remotefit/) starts the job in its own
 session, writes its log and exit code, and streams the log back on request; so a dropped connection
 or a closed laptop never kills a run. `--local` drives the same runner on this machine through a
 local "transport", so a job behaves the same before anyone pays for a node.
@@ -29,18 +29,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remotefit import cost
+from remotefit import cost, data, tensorboard
 from remotefit.config import Paths
+from remotefit.data import DataEntry, parse_data
+from remotefit.data import excludes as data_excludes
 from remotefit.errors import UserError
-from remotefit.proc import atomic_write, echo, run
+from remotefit.node import NODE_DIR, contract
+from remotefit.proc import atomic_write, echo, ensure_writable, run, run_bytes
 from remotefit.ssh import Node, remote, rsync_argv, ssh_argv
 from remotefit.workspace import Workspace
 
-RUNNER = Path(__file__).resolve().parent.parent / "scripts" / "node" / "runner.py"
+RUNNER = NODE_DIR / "runner.py"
+CONTRACT = NODE_DIR / "contract.py"
+UPLOADER = NODE_DIR / "uploader.py"
 DEFAULT_EXCLUDES = (".git/", ".venv/", "venv/", ".env/", "__pycache__/", "*.pyc", ".ipynb_checkpoints/", ".remotefit/")
-JOB_KEYS = {"command", "setup", "outputs", "exclude", "env", "gpu", "distributed", "requirements"}
+JOB_KEYS = {
+    "command", "setup", "outputs", "exclude", "env", "pass_env", "gpu", "distributed", "requirements", "data",
+    "tensorboard", "sync_every",
+}  # fmt: skip
+DEFAULT_SYNC_EVERY = 60.0  # seconds between uploads of a run's outputs and log to the runs bucket
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MASTER_PORT = 29500
-SSH_LOST = 255  # ssh's own exit status when the connection fails
+SSH_FAILED = 255  # ssh's own exit status when the connection fails (not the runner's EXIT_LOST: a job lost)
 
 
 @dataclass
@@ -52,9 +62,13 @@ class Job:
     outputs: str = "outputs"
     exclude: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    pass_env: list[str] = field(default_factory=list)  # names forwarded from the laptop's environment
     gpu: bool = False
     distributed: bool = False
     requirements: str | None = None
+    sync_every: float = DEFAULT_SYNC_EVERY  # job.toml sync_every: seconds between uploads to the runs bucket
+    data: list[DataEntry] = field(default_factory=list)  # job.toml [data]: fetched on the node (remotefit/data.py)
+    tensorboard: str | None = None  # job.toml tensorboard: the log dir TensorBoard serves (remotefit/tensorboard.py)
 
 
 def load_job(path: str | Path, cmd: str | None = None) -> Job:
@@ -65,6 +79,13 @@ def load_job(path: str | Path, cmd: str | None = None) -> Job:
     if not p.is_dir():
         raise UserError(f"{path} is a file, not a job folder; give the folder that holds it")
     p = p.resolve()
+    # The name becomes a path on the node, carried in rsync and shell arguments: a newline there
+    # would send the files to one folder and run the job in another. Control characters and bytes
+    # that are not UTF-8 cannot be carried safely; everything else (spaces, quotes, $) can.
+    bad = next((ch for ch in p.name if ord(ch) < 32 or ord(ch) == 127 or 0xDC80 <= ord(ch) <= 0xDCFF), None)
+    if bad is not None:
+        what = "a byte that is not UTF-8" if ord(bad) >= 0xDC80 else f"the control character {bad!r}"
+        raise UserError(f"job folder name {p.name!r} has {what}; rename the folder (letters, digits, spaces, -_.)")
     spec: dict[str, Any] = {}
     toml = p / "job.toml"
     if toml.exists():
@@ -81,23 +102,104 @@ def load_job(path: str | Path, cmd: str | None = None) -> Job:
     if not command:
         raise UserError(f'{path} has no train.py and no job.toml command; pass --cmd "python your_script.py"')
     requirements = spec.get("requirements") or ("requirements.txt" if (p / "requirements.txt").exists() else None)
+    if requirements is not None:
+        requirements = inside_job(p, requirements, f"{toml}: requirements")
+    outputs = inside_job(p, spec.get("outputs", "outputs"), f"{toml}: outputs")
+    entries = parse_data(p, spec.get("data"), str(toml), outputs)
+    tensorboard = None if "tensorboard" not in spec else inside_job(p, spec["tensorboard"], f"{toml}: tensorboard")
+    pass_env = spec.get("pass_env", [])
+    if not isinstance(pass_env, list) or not all(
+        isinstance(n, str) and ENV_NAME_RE.fullmatch(n.removesuffix("?")) for n in pass_env
+    ):
+        raise UserError(
+            f'{toml}: pass_env must be a list of variable names, e.g. pass_env = ["WANDB_API_KEY", "HF_TOKEN?"] '
+            "(a trailing ? makes one optional)"
+        )
+    sync_every = spec.get("sync_every", DEFAULT_SYNC_EVERY)
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int | float) or not 0 < sync_every <= 86400:
+        raise UserError(
+            f"{toml}: sync_every must be a positive number of seconds (at most 86400), e.g. sync_every = 60; "
+            f"got {sync_every!r}"
+        )
     try:
         return Job(
             path=p,
             name=p.name,
             command=str(command),
             setup=str(spec.get("setup", "")),
-            outputs=str(spec.get("outputs", "outputs")).strip("/") or "outputs",
+            outputs=outputs,
             exclude=[str(x) for x in spec.get("exclude", [])],
             env={str(k): str(v) for k, v in dict(spec.get("env", {})).items()},
+            pass_env=list(pass_env),
             gpu=bool(spec.get("gpu", False)),
             distributed=bool(spec.get("distributed", False)),
             requirements=requirements,
+            sync_every=float(sync_every),
+            data=entries,
+            tensorboard=tensorboard,
         )
     except (TypeError, ValueError) as exc:
         raise UserError(
             f"{toml}: a value has the wrong type ({exc}); see jobs/resnet/job.toml for the format"
         ) from None
+
+
+def passed_env(
+    job: Job, cli: Sequence[str] = (), environ: dict[str, str] | None = None
+) -> tuple[dict[str, str], list[str]]:
+    """The variables forwarded to the job from this machine's environment: job.toml's pass_env plus
+    `--env NAME` / `--env NAME=VALUE`. Returns (values, warnings). The values travel only on the start
+    command's stdin into the node's 0600 env file: never into a file here, run.json or a log."""
+    environ = dict(os.environ) if environ is None else environ
+    values: dict[str, str] = {}
+    warnings: list[str] = []
+    for raw in job.pass_env:
+        name, optional = raw.removesuffix("?"), raw.endswith("?")
+        if name in environ:
+            values[name] = environ[name]
+        elif optional:
+            warnings.append(f"warning: {name} (job.toml pass_env, optional) is not set here; the job runs without it")
+        else:
+            raise UserError(
+                f"{name} (job.toml pass_env) is not set in this environment; export it, or write {name}? to make "
+                "it optional"
+            )
+    for item in cli:
+        name, eq, value = item.partition("=")
+        if not ENV_NAME_RE.fullmatch(name):
+            raise UserError(f"--env {item.split('=')[0]!r} is not a variable name; use --env NAME or --env NAME=VALUE")
+        if eq:
+            values[name] = value
+        elif name in environ:
+            values[name] = environ[name]
+        else:
+            raise UserError(
+                f"--env {name}: {name} is not set in this environment; export it or pass --env {name}=VALUE"
+            )
+    reserved = sorted(n for n in values if n.startswith("REMOTEFIT_"))
+    if reserved:
+        raise UserError(f"{reserved[0]} is set by remotefit itself (see the README's job environment); rename it")
+    return values, warnings
+
+
+def inside_job(folder: Path, value: object, where: str) -> str:
+    """`value` as a clean relative path inside the job folder, or a UserError naming `where`.
+
+    job.toml paths become paths on the node (outputs is renamed and replaced with a symlink there),
+    and on the sandbox or with --local the node is this machine: nothing may point outside."""
+    fix = "use a relative path inside the job folder, e.g. outputs"
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where} must be a non-empty string; {fix}")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise UserError(f"{where} = {value!r} has a control character; {fix}")
+    pure = posixpath.normpath(value)
+    if value.startswith(("/", "~")) or pure in (".", "") or pure == ".." or pure.startswith("../"):
+        raise UserError(f"{where} = {value!r} is not inside the job folder; {fix}")
+    # A symlink in the job folder must not lead the path out of it either.
+    parent = (folder / pure).parent.resolve()
+    if parent != folder and folder not in parent.parents:
+        raise UserError(f"{where} = {value!r} leads out of the job folder through a symlink; {fix}")
+    return pure
 
 
 def _toml_line(exc: tomllib.TOMLDecodeError, toml: Path) -> int | str:
@@ -132,19 +234,16 @@ class Transport:
     def target(self, path: str) -> str:
         return path if self.ssh_config is None else f"{self.node.alias}:{path}"
 
-    def rsync(self, src: str, dest: str, **kw: Any) -> list[str]:
-        argv = rsync_argv(self.ssh_config or Path("/dev/null"), src, dest, **kw)
-        if self.ssh_config is None:
-            i = argv.index("-e")
-            del argv[i : i + 2]
-        return argv
+    def rsync(self, src: str | Sequence[str], dest: str, **kw: Any) -> list[str]:
+        """rsync argv between this machine and the node (no ssh for a local transport)."""
+        return rsync_argv(self.ssh_config, src, dest, **kw)
 
     def runner(self, *args: str) -> str:
         """The shell command that runs runner.py with the node's Python (the one that has PyTorch)."""
         base = self.node.workdir
         # -S: the runner needs only the standard library; skipping site (PyTorch's .pth files and
         # all) saves ~40 ms per call. Its supervisor and job processes start with site as usual.
-        return remote([self.node.python, "-S", f"{base}/.remotefit/runner.py", args[0], "--base", base, *args[1:]])
+        return remote([self.node.python, "-S", contract.runner_path(base), args[0], "--base", base, *args[1:]])
 
 
 def local_node(paths: Paths) -> Node:
@@ -174,7 +273,7 @@ def transports(ws: Workspace | None, nodes: list[Node]) -> list[Transport]:
 def filter_args(job: Job) -> tuple[list[str], list[str]]:
     """(rsync --filter rules, excludes): .gitignore and .remotefitignore per directory, defaults, outputs."""
     filters = ["--filter=:- .gitignore", "--filter=:- .remotefitignore"]
-    excludes = [*DEFAULT_EXCLUDES, f"/{job.outputs}/", *job.exclude]
+    excludes = [*DEFAULT_EXCLUDES, f"/{job.outputs}/", *job.exclude, *data_excludes(job.data)]
     return filters, excludes
 
 
@@ -212,19 +311,27 @@ def _human(n: float) -> str:
 
 def sync_argv(t: Transport, job: Job) -> list[str]:
     filters, excludes = filter_args(job)
-    dest = f"{t.node.workdir}/jobs/{job.name}"
-    argv = t.rsync(f"{job.path}/", t.target(dest) + "/", excludes=excludes, delete=True)
-    # --safe-links: a symlink pointing outside the job folder is not sent; --rsync-path makes the
-    # destination on the node in the same connection, without another round trip.
-    extra = ["--safe-links", *filters]
+    dest = contract.job_dir(t.node.workdir, job.name)
+    rsync_path = None
     if not t.local:
-        # In the same connection: refuse (runner exit 3) while a run is active, so a second fit never
-        # rewrites a running job's folder; an older runner without `idle` (exit 2) does not block.
-        runner = f"{t.node.workdir}/.remotefit/runner.py"
-        idle = f"{{ [ ! -f {shlex.quote(runner)} ] || {t.runner('idle')} || [ $? -ne 3 ]; }}"
-        extra.append(f"--rsync-path={idle} && mkdir -p {shlex.quote(dest)} && rsync")
-    # Exact numbers in --stats (rsync_argv asks for human-readable ones): the summary parses them.
-    return argv[:1] + extra + argv[1:-2] + ["--no-human-readable"] + argv[-2:]
+        # In the same connection, before rsync starts there: refuse (runner exit 3) while a run is
+        # active, so a second fit never rewrites a running job's folder (an older runner without
+        # `idle`, exit 2, does not block), and make the destination without another round trip.
+        runner = contract.runner_path(t.node.workdir)
+        idle = f"{{ [ ! -f {shlex.quote(runner)} ] || {t.runner('idle')} || [ $? -ne {contract.EXIT_BUSY} ]; }}"
+        rsync_path = f"{idle} && mkdir -p {shlex.quote(dest)} && rsync"
+    # --safe-links: a symlink pointing outside the job folder is not sent; exact numbers in --stats
+    # (human=False): the summary parses them.
+    return t.rsync(
+        f"{job.path}/",
+        t.target(dest) + "/",
+        excludes=excludes,
+        filters=filters,
+        delete=True,
+        human=False,
+        safe_links=True,
+        rsync_path=rsync_path,
+    )
 
 
 def sync_summary(stats: str) -> tuple[int, int, int]:
@@ -246,24 +353,34 @@ def sync(
 ) -> list[str]:
     """Upload the job to every node in parallel; return rsync's stats per node."""
     if ts is None:
-        from remotefit.nodes import require_nodes
+        from remotefit.inventory import require_nodes
 
         assert ws is not None
         all_nodes = require_nodes(ws)
         ts = transports(ws, all_nodes[: nodes or len(all_nodes)])
     for t in ts:
         if t.local:
-            if Path(t.node.workdir, ".remotefit", "runner.py").exists():
+            if Path(contract.runner_path(t.node.workdir)).exists():
                 res = run(t.argv(t.runner("idle")), capture=True, check=False)
-                if res.returncode == 3:
-                    raise UserError(_runner_error(res.stderr, "a run is active"), code=3)
-            Path(t.node.workdir, "jobs", job.name).mkdir(parents=True, exist_ok=True)
+                if res.returncode == contract.EXIT_BUSY:
+                    raise UserError(contract.runner_error(res.stderr, "a run is active"), code=contract.EXIT_BUSY)
+            Path(contract.job_dir(t.node.workdir, job.name)).mkdir(parents=True, exist_ok=True)
 
     def one(t: Transport) -> str:
         res = run(sync_argv(t, job), capture=True, check=False)
         if res.returncode != 0:
-            if "runner: error:" in (res.stderr or ""):
-                raise UserError(f"{t.node.alias}: {_runner_error(res.stderr, '')}", code=3)
+            if contract.is_refusal(res.stderr):
+                raise UserError(f"{t.node.alias}: {contract.runner_error(res.stderr, '')}", code=contract.EXIT_BUSY)
+            if res.returncode in TRANSPORT_FAILED and ws is not None and not t.local:
+                if "Permission denied" in (res.stderr or ""):
+                    from remotefit.keys import key_path
+
+                    raise UserError(
+                        f"{t.node.alias} refuses this stage's ssh key {key_path(ws.paths.generated, ws.stage)}: a node "
+                        "trusts only the key it was created with (was that file deleted or replaced?); restore it, "
+                        "or `inv destroy` then `inv apply`"
+                    )
+                raise UserError(f"sync to {t.node.alias} failed: {unreachable(ws, t)}")
             last = (res.stderr or res.stdout).strip().splitlines()[-1:]
             raise UserError(f"sync to {t.node.alias} failed: {last[0] if last else f'rsync exit {res.returncode}'}")
         return res.stdout
@@ -291,24 +408,18 @@ def sync(
     return outs
 
 
-def _runner_error(stderr: str, default: str) -> str:
-    """The runner's one-line error (without its prefix) out of a command's stderr."""
-    for line in reversed((stderr or "").splitlines()):
-        if "runner: error: " in line:
-            return line.split("runner: error: ", 1)[1].strip()
-    lines = (stderr or "").strip().splitlines()
-    return lines[-1] if lines else default
+# rsync's exit codes when the connection (not the copy) failed: 10 socket I/O, 12 data stream
+# (ssh died), 30/35 timeouts, 255 ssh's own.
+TRANSPORT_FAILED = (10, 12, 30, 35, SSH_FAILED)
 
 
-def upload_runner(t: Transport) -> None:
-    """Copy runner.py to the node on its own (fit sends it inside the start command instead)."""
-    dest = f"{t.node.workdir}/.remotefit"
-    if t.local:
-        Path(dest).mkdir(parents=True, exist_ok=True)
-    argv = t.rsync(str(RUNNER), t.target(dest) + "/", stats=False)
-    if not t.local:
-        argv.insert(1, f"--rsync-path=mkdir -p {shlex.quote(dest)} && rsync")
-    run(argv, capture=True)
+def unreachable(ws: Workspace | None, t: Transport) -> str:
+    """Why a node did not answer: its EC2 state and the fix (`inv start`, `inv apply`)."""
+    if ws is None or t.local:
+        return f"{t.node.alias} did not answer"
+    from remotefit.nodes import explain_unreachable
+
+    return explain_unreachable(ws, t.node)
 
 
 # -- fit ------------------------------------------------------------------------------------
@@ -375,7 +486,37 @@ def launch_command(
 
 def run_outputs(base: str, run_id: str) -> str:
     """Each run's outputs folder on the node (the runner owns runs/<id>/, so it lives beside it)."""
-    return f"{base}/outputs/{run_id}"
+    return contract.outputs_dir(base, run_id)
+
+
+def node_sources() -> tuple[str, str, str]:
+    """(contract.py, uploader.py, runner.py) as uploaded at each start: read once per process."""
+    global _SOURCES
+    if _SOURCES is None:
+        _SOURCES = (CONTRACT.read_text(), UPLOADER.read_text(), RUNNER.read_text())
+    return _SOURCES
+
+
+_SOURCES: tuple[str, str, str] | None = None
+
+
+def keep_spec(ws: Workspace, job: Job, record: RunRecord, rank: int) -> dict[str, Any]:
+    """What the node's uploader needs (contract.KEEP_KEY): where in the runs bucket, how often, and how
+    to reach S3 — the region, plus the sandbox's endpoint and test keys; never a profile or a secret (on
+    EC2 the instance profile signs)."""
+    from remotefit.results import log_key, run_prefix, status_key
+
+    return {
+        "bucket": ws.settings.runs_bucket,
+        "prefix": run_prefix(ws.stage, job.name, record.run_id),
+        "region": ws.settings.AWS_REGION,
+        "every": job.sync_every,
+        "log_key": log_key(rank),
+        "status_key": status_key(rank),
+        "outputs": rank == 0,  # rank 0's outputs are the run's, as in a pull from the nodes
+        "record": record.__dict__ if rank == 0 else None,
+        "aws_env": {k: v for k, v in ws.aws_env().items() if k != "AWS_PROFILE"},
+    }
 
 
 def start_command(
@@ -387,40 +528,58 @@ def start_command(
     env: dict[str, str] | None = None,
     then_follow: bool = False,
 ) -> str:
-    """One shell line for the node: install runner.py (sent on stdin), link outputs/, write the env
-    file, start the run; with then_follow, stream its log in the same connection (start's JSON goes
-    to stderr then, and follow ends with the run's status as a JSON line on stderr)."""
+    """One shell line for the node: install contract.py + runner.py and write the env file (all sent
+    on stdin, see start_input), start the run (the runner links outputs/); with then_follow, the same
+    runner process streams its log (start's JSON goes to stderr then, and the run's status ends
+    stderr as a JSON line)."""
     base = t.node.workdir
-    rdir = f"{base}/.remotefit"
-    jobdir = f"{base}/jobs/{job.name}"
+    rdir = contract.runner_dir(base)
+    jobdir = contract.job_dir(base, job.name)
     outdir = run_outputs(base, run_id)
-    envfile = f"{rdir}/env-{run_id}.json"
+    envfile = contract.env_file(base, run_id)
     q = shlex.quote
-    install = f"mkdir -p {q(rdir)} && cat > {q(rdir)}/runner.py.$$ && mv -f {q(rdir)}/runner.py.$$ {q(rdir)}/runner.py"
-    # outputs/ in the job folder points at this run's own outputs: any script writing ./outputs works,
-    # and runs never mix (one run at a time per node; sync has checked that none is active).
-    link = (
-        f"mkdir -p {q(outdir)} && cd {q(jobdir)} && "
-        f"{{ [ ! -e {q(job.outputs)} ] || [ -L {q(job.outputs)} ] || "
-        f"mv {q(job.outputs)} {q(job.outputs + '.before-' + run_id)}; }} && "
-        f"ln -sfn {q(outdir)} {q(job.outputs)} && "
-        # 0600: job.toml [env] may carry tokens
-        f"(umask 077 && printf '%s' {q(json.dumps(env or {}))} > {q(envfile)})"
+    # stdin (start_input): the env as one JSON line, then contract.py, then runner.py. job.toml [env]
+    # may carry tokens: they never appear in a command line (visible in `ps` on both machines), only
+    # in a shell variable and a 0600 file that the runner deletes as soon as it has read it. `read`
+    # takes exactly one line from a pipe, then exactly contract.py's bytes are read, and `cat` takes
+    # the rest. contract.py is in place before the runner that imports it. Nodes run Linux, whose
+    # GNU head never reads past -c; on this machine (--local, maybe a Mac whose head reads ahead)
+    # dd bs=1 reads byte by byte instead (slower: a few ms).
+    contract_src, uploader_src, _runner = node_sources()
+
+    def exact(text: str) -> str:
+        size = len(text.encode())
+        return f"dd bs=1 count={size} 2>/dev/null" if t.local else f"head -c {size}"
+
+    install = (
+        f"IFS= read -r RF_ENV && mkdir -p {q(rdir)} && "
+        f"{exact(contract_src)} > {q(rdir)}/contract.py.$$ && {exact(uploader_src)} > {q(rdir)}/uploader.py.$$ && "
+        f"cat > {q(rdir)}/runner.py.$$ && mv -f {q(rdir)}/contract.py.$$ {q(rdir)}/contract.py && "
+        f"mv -f {q(rdir)}/uploader.py.$$ {q(rdir)}/uploader.py && mv -f {q(rdir)}/runner.py.$$ {q(rdir)}/runner.py"
     )
+    envwrite = f"(umask 077 && printf '%s' \"$RF_ENV\" > {q(envfile)})"
+    # outputs/ in the job folder points at this run's own outputs (the runner links it, refusing any
+    # path out of the job folder): any script writing ./outputs works, and runs never mix.
     args = ["start", "--run-id", run_id, "--job-dir", jobdir, "--cmd", cmd, "--env-file", envfile, "--json"]
+    args += ["--outputs", job.outputs, "--outputs-dir", outdir]
     if job.requirements:
         args += ["--requirements", job.requirements]
     if job.setup:
         args += ["--setup", job.setup]
     if gpu:
         args.append("--check-cuda")
-    # The job's `python` is the node's Python (the one with PyTorch), ahead of whatever PATH has.
-    py_dir = posixpath.dirname(t.node.python) if posixpath.isabs(t.node.python) else ""
-    path = f'PATH={q(py_dir)}:"$PATH" ' if py_dir else ""
-    line = f"{install} && {link} && {path}{t.runner(*args)}"
     if then_follow:
-        line += f" >&2 && exec {t.runner('follow', '--run-id', run_id, '-q', '--status-json')}"
-    return line
+        args.append("--follow")
+    # The job's `python` is the node's Python through the runner's shims (remotefit/node/runner.py), on a
+    # stock node's PATH: nothing here puts the node Python's own folder (the sandbox's: our venv) on it.
+    return f"{install} && {envwrite} && exec {t.runner(*args)}"
+
+
+def start_input(env: dict[str, str] | None, runner_src: str | None = None) -> str:
+    """What start_command reads on stdin: the env as one JSON line (json.dumps escapes newlines),
+    then contract.py, uploader.py and runner.py (`runner_src` replaces the packaged runner, for tests)."""
+    contract_src, uploader_src, packaged = node_sources()
+    return json.dumps(env or {}) + "\n" + contract_src + uploader_src + (packaged if runner_src is None else runner_src)
 
 
 @dataclass
@@ -434,6 +593,7 @@ class RunRecord:
     started_at: str
     local: bool = False
     git_commit: str | None = None
+    passed_env: list[str] = field(default_factory=list)  # names only, never values
 
     def save(self, directory: Path) -> None:
         atomic_write(directory / f"{self.run_id}.json", json.dumps(self.__dict__, indent=2))
@@ -443,7 +603,21 @@ def _records_dir(paths: Paths) -> Path:
     return paths.generated / "runs"
 
 
+RUN_ID_RE = re.compile(contract.RUN_ID_PATTERN)  # the runner's own rule
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id is a file name here and on the node: never a path (`../node_vars`)."""
+    if not RUN_ID_RE.fullmatch(run_id):
+        raise UserError(
+            f"--run {run_id!r} is not a run id (letters, digits, '.', '_', '-'); see `inv runs` for the ids"
+        )
+    return run_id
+
+
 def load_record(paths: Paths, run_id: str | None) -> RunRecord:
+    if run_id is not None:
+        check_run_id(run_id)
     d = _records_dir(paths)
     files = sorted(d.glob("*.json"), key=lambda f: f.stat().st_mtime)
     if run_id is None:
@@ -458,12 +632,14 @@ def load_record(paths: Paths, run_id: str | None) -> RunRecord:
 
 
 def git_commit(path: Path) -> str | None:
-    res = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)  # noqa: S603
+    """The job folder's commit (`-dirty` with uncommitted changes there), None outside git or without it."""
+    try:
+        res = run(["git", "-C", str(path), "rev-parse", "HEAD"], capture=True, check=False)
+    except UserError:  # git is not installed: a run needs no commit
+        return None
     if res.returncode != 0:
         return None
-    dirty = subprocess.run(
-        ["git", "-C", str(path), "status", "--porcelain", "--", "."], capture_output=True, text=True, check=False
-    )  # noqa: S603
+    dirty = run(["git", "-C", str(path), "status", "--porcelain", "--", "."], capture=True, check=False)
     return res.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
@@ -478,9 +654,14 @@ def fit(
     nodes: int | None = None,
     local: bool = False,
     cancel_on_interrupt: bool = False,
+    raise_interrupt: bool = False,
     paths: Paths | None = None,
+    secrets: dict[str, str] | None = None,
+    tensorboard_flag: bool = False,
 ) -> int:
     """Sync, start, stream, pull. Returns the run's exit code (the first non-zero over the nodes).
+    Ctrl-C while following detaches (or cancels, with cancel_on_interrupt) and returns 130; with
+    raise_interrupt, KeyboardInterrupt goes on to the caller afterwards (the demo cleans up on it).
 
     Three round trips per node in the common case: the sync (which also checks that no run is
     active), start + follow in one connection (runner.py travels on its stdin), and one pull rsync.
@@ -496,7 +677,7 @@ def fit(
         ts = transports(None, chosen)
     else:
         assert ws is not None
-        from remotefit.nodes import require_nodes
+        from remotefit.inventory import require_nodes
 
         provisioned = require_nodes(ws)
         if nodes and nodes > len(provisioned):
@@ -510,7 +691,21 @@ def fit(
             )
         ts = transports(ws, chosen)
     gpus = 0 if local else (cost.instance_info(chosen[0].instance_type).gpus or 0)
-    sync(ws, job, ts=ts)
+    # The results come home to runs/<job>/: find out now that they can, not after the run.
+    ensure_writable(paths.runs)
+    if (paths.runs / job.name).exists():
+        ensure_writable(paths.runs / job.name)
+    if job.data and not local:
+        assert ws is not None
+        data.check_buckets(job.data, data.allowed_buckets(ws), str(job.path / "job.toml"))
+    tb = tensorboard.plan(job, tensorboard_flag)
+    # git's two calls and the data fetch run beside the sync (the fetch has its own connection and never
+    # touches the synced files); all end before the run exists: a fetch that fails leaves nothing started.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        commit = pool.submit(git_commit, job.path)
+        fetched = pool.submit(data.fetch, ts, job.data, job.name, {} if local else data.node_aws_env(ws))
+        sync(ws, job, ts=ts)
+        fetched.result()
     run_id = new_run_id(job)
     port = master_port_for(run_id)
     record = RunRecord(
@@ -522,21 +717,27 @@ def fit(
         [n.to_dict() for n in chosen],
         dt.datetime.now(dt.UTC).isoformat(),
         local,
-        git_commit(job.path),
+        commit.result(),
+        sorted(secrets or {}),
     )
-    runner_src = RUNNER.read_text()
 
-    def command(rank: int, t: Transport, then_follow: bool) -> str:
+    def command(rank: int, t: Transport, then_follow: bool) -> tuple[str, str]:
+        """(start command line, its stdin) for one rank."""
         env = job_env(job, run_id, chosen, rank, gpus, run_outputs(t.node.workdir, run_id), master_port=port)
+        env |= secrets or {}  # on stdin only (start_input), like job.toml's [env]
+        if ws is not None and not local:  # results outlive the nodes: kept in the runs bucket
+            env[contract.KEEP_KEY] = json.dumps(keep_spec(ws, job, record, rank))
         cmd = launch_command(job, extra, chosen, rank, gpus, master_port=port)
-        return start_command(t, job, run_id, cmd, want_gpu, env=env, then_follow=then_follow)
+        line = start_command(t, job, run_id, cmd, want_gpu, env=env, then_follow=then_follow)
+        return line, start_input(env)
 
     def refuse(t: Transport, code: int, stderr: str, started: list[Transport]) -> UserError:
         for s in started:  # don't leave the ranks already started waiting for a peer that never comes
             run(s.argv(s.runner("cancel", "--run-id", run_id, "--grace", "5")), capture=True, check=False)
         _records_dir(paths).joinpath(f"{run_id}.json").unlink(missing_ok=True)
-        why = _runner_error(stderr, f"exit {code}")
-        return UserError(f"{t.node.alias}: could not start the run: {why}", code=code if code in (3, 4) else 1)
+        why = contract.runner_error(stderr, f"exit {code}")
+        keep = code in (contract.EXIT_BUSY, contract.EXIT_NO_CUDA)
+        return UserError(f"{t.node.alias}: could not start the run: {why}", code=code if keep else 1)
 
     _records_dir(paths).mkdir(parents=True, exist_ok=True)
     record.save(_records_dir(paths))
@@ -546,21 +747,28 @@ def fit(
     for rank, t in reversed(list(enumerate(ts))):
         if rank == 0 and not detach:
             break
-        res = run(t.argv(command(rank, t, False)), capture=True, check=False, input_text=runner_src)
+        line, stdin = command(rank, t, False)
+        res = run(t.argv(line), capture=True, check=False, input_text=stdin)
         if res.returncode != 0:
             raise refuse(t, res.returncode, res.stderr, started)
         started.append(t)
     where = ", ".join(n.alias for n in chosen)
-    if detach:
+
+    def started_now() -> None:
         echo(f"run {run_id} started on {where}")
+        if tb is not None:
+            tensorboard.start(ws, ts[0], tb, run_id)
+
+    if detach:
+        started_now()
         echo(f"detached: follow with `inv logs --run {run_id} --follow`, cancel with `inv cancel --run {run_id}`")
         return 0
     try:
         code, status = _stream(
             ts[0],
             run_id,
-            first=(command(0, ts[0], True), runner_src),
-            on_start=lambda: echo(f"run {run_id} started on {where}"),
+            first=command(0, ts[0], True),
+            on_start=started_now,
         )
     except _StartFailed as exc:
         raise refuse(ts[0], exc.code, exc.stderr, started) from None
@@ -569,19 +777,43 @@ def fit(
             for t in ts:
                 run(t.argv(t.runner("cancel", "--run-id", run_id, "--grace", "10")), capture=True, check=False)
             echo(f"\ncancelled run {run_id}")
-            return 130
-        echo(
-            f"\ndetached from run {run_id}; it keeps running on the node.\n"
-            f"  reattach: inv logs --run {run_id} --follow\n  cancel:   inv cancel --run {run_id}\n"
-            f"  results:  inv pull --run {run_id}"
-        )
+        else:
+            echo(
+                f"\ndetached from run {run_id}; it keeps running on the node.\n"
+                f"  reattach: inv logs --run {run_id} --follow\n  cancel:   inv cancel --run {run_id}\n"
+                f"  results:  inv pull --run {run_id}"
+            )
+        if raise_interrupt:
+            raise
         return 130
+    if tb is not None:
+        tensorboard.stop(ws, ts[0], run_id)
     statuses = [status or {}] + [wait_status(t, run_id) for t in ts[1:]]
     codes = [code] + [_exit_of(st) for st in statuses[1:]]
     final = next((c for c in codes if c), 0)
     dest = pull_run(paths, record, ts, codes, statuses)
     echo(f"run {run_id} finished with exit code {final}; results in {dest}")
+    for t, st in zip(ts, statuses, strict=True):
+        warning = kept_warning(st, run_id, t.node.alias)
+        if warning:
+            echo(warning)
     return final
+
+
+def kept_warning(status: dict[str, Any], run_id: str, alias: str) -> str | None:
+    """One line when a node could not keep the run's results in the runs bucket (they are pulled, but
+    would not have outlived the node)."""
+    kept = status.get("kept")
+    if not isinstance(kept, dict) or kept.get("complete"):
+        return None
+    errors = kept.get("errors") or ["no final upload"]
+    if "NoSuchBucket" in errors[0]:
+        hint = "run `inv backend` to create the runs bucket"
+    elif "is missing" in errors[0]:
+        hint = "its tool venv did not install at boot (see the boot log); `inv apply` a fresh node"
+    else:
+        hint = "see upload.log in the run's folder on the node"
+    return f"warning: {alias} could not keep run {run_id} in the runs bucket ({errors[0]}); {hint}"
 
 
 def _check_local_cuda() -> None:
@@ -598,11 +830,6 @@ class _StartFailed(Exception):
         super().__init__(code, stderr)
         self.code = code
         self.stderr = stderr
-
-
-def follow(t: Transport, run_id: str, reconnect_for: float = 600.0) -> int:
-    """Stream the run's log from rank 0 to stdout; reconnect after a dropped connection."""
-    return _stream(t, run_id, reconnect_for)[0]
 
 
 def _stream(
@@ -659,57 +886,59 @@ def _stream(
             proc.wait()
             raise
         err, status = "\n".join(box["err"]), box["status"]
+        # Only the runner's own final status line says how the run ended. Any other end of the
+        # command (ssh's SSH_FAILED, a client killed by a signal, a closed pipe) is a lost connection:
+        # the run goes on on the node, so ask it, and reconnect until it ends.
+        refused = contract.is_refusal(err) and 0 < code < SSH_FAILED
         if not started:
             if box["started"]:
                 started = True
-            elif code != SSH_LOST or t.local:
+            elif refused or (0 <= code < SSH_FAILED and err.strip()):  # the node said no
                 raise _StartFailed(code, err)
             elif run_status(t, run_id) is None:
                 raise UserError(
-                    f"lost the connection to {t.node.alias} while starting run {run_id}: {err or 'no detail'}"
+                    f"lost the connection to {t.node.alias} while starting run {run_id}: {err or 'no detail'}; "
+                    f"if it started, `inv logs --run {run_id} --follow` finds it"
                 )
             else:
                 started = True  # it started; the connection dropped before we heard so
                 if on_start:
                     on_start()
-        if code != SSH_LOST or t.local:
-            if code == 2 and "unknown run" in err:
-                raise UserError(_runner_error(err, f"unknown run {run_id}"))
-            return code, status
-        if status and status.get("state") == "finished":
-            return code, status  # the job itself exited 255: follow told us so before it ended
-        # 255: the connection dropped (or the run was lost): ask for its status on a fresh connection.
-        state = run_status(t, run_id)
-        if state and state.get("state") == "finished":
-            return _exit_of(state), state
-        if state and state.get("state") == "lost":
-            echo(f"run {run_id}: the job process vanished without an exit code (node rebooted?)")
-            return SSH_LOST, state
+        if refused:
+            if "unknown run" in err:
+                raise UserError(contract.runner_error(err, f"unknown run {run_id}"))
+            raise UserError(f"{t.node.alias}: {contract.runner_error(err, f'runner exit {code}')}")
+        if status is None:
+            status = run_status(t, run_id)  # on a fresh connection
+            if status and status.get("state") not in ("finished", "lost"):
+                status = None
+        # The end is known and every byte of the log was shown (a killed client may have lost the
+        # tail while its status line still came through): done. Otherwise follow again from `shown`.
+        if status is not None and int(status.get("log_bytes") or 0) <= shown:
+            if status.get("state") == "lost":
+                echo(f"run {run_id}: the job process vanished without an exit code (node rebooted?)")
+            return _exit_of(status), status
         lost_since = lost_since or time.monotonic()
         if time.monotonic() - lost_since > reconnect_for:
             raise UserError(
-                f"lost the connection to {t.node.alias} for {reconnect_for:.0f} s; the run goes on: "
-                f"`inv logs --run {run_id} --follow`"
+                f"lost the connection to {t.node.alias} for {reconnect_for:.0f} s; run {run_id} goes on there: "
+                f"reattach with `inv logs --run {run_id} --follow`, cancel with `inv cancel --run {run_id}`, "
+                f"then `inv pull --run {run_id}`"
             )
         echo(f"(connection to {t.node.alias} lost; reconnecting…)")
-        time.sleep(2)
+        time.sleep(0.2 if status else 2)
 
 
 def _read_stderr(stream: Any, box: dict[str, Any], on_start: Any) -> None:
     """Sort a start/follow command's stderr: start's JSON line, follow's final status, the rest."""
     for raw in stream:
         line = raw.decode(errors="replace").rstrip("\n")
-        obj = None
-        if line.startswith("{"):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                obj = None
-        if isinstance(obj, dict) and "run_dir" in obj:
+        kind, obj = contract.parse_message(line)
+        if kind == contract.MSG_STARTED:
             box["started"] = True
             if on_start:
                 on_start()
-        elif isinstance(obj, dict) and "state" in obj:
+        elif kind == contract.MSG_STATUS:
             box["status"] = obj
         else:
             box["err"].append(line)
@@ -727,7 +956,7 @@ def run_status(t: Transport, run_id: str | None = None) -> Any:
 
 
 def _exit_of(st: dict[str, Any]) -> int:
-    return int(st["exit_code"]) if st.get("exit_code") is not None else SSH_LOST
+    return int(st["exit_code"]) if st.get("exit_code") is not None else contract.EXIT_LOST
 
 
 def wait_status(t: Transport, run_id: str, poll: float = 1.0, unreachable_for: float = 300.0) -> dict[str, Any]:
@@ -748,11 +977,6 @@ def wait_status(t: Transport, run_id: str, poll: float = 1.0, unreachable_for: f
         time.sleep(poll)
 
 
-def wait_exit(t: Transport, run_id: str, poll: float = 1.0) -> int:
-    """Wait for a non-zero rank to finish; return its exit code."""
-    return _exit_of(wait_status(t, run_id, poll))
-
-
 # -- pull / logs / runs / cancel -------------------------------------------------------------
 def local_run_dir(paths: Paths, job: str, run_id: str) -> Path:
     return paths.runs / job / run_id
@@ -765,35 +989,81 @@ def pull_run(
     codes: list[int] | None = None,
     statuses: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Copy outputs and logs home into runs/<job>/<run-id>/ and write run.json; never overwrite.
+    """Copy outputs and logs home into runs/<job>/<run-id>/ and write run.json last; a complete
+    folder is never overwritten, an incomplete one (no final run.json) is completed in place.
 
     One rsync per node (rank 0: its outputs and log together); statuses already known are not asked
     for again.
     """
-    dest = local_run_dir(paths, record.job, record.run_id)
-    if dest.exists():
-        raise UserError(f"{dest} already exists; it is never overwritten: move it away to pull {record.run_id} again")
-    tmp = dest.with_name(f".{dest.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # an earlier pull that was interrupted: ours, never the user's
-    tmp.mkdir(parents=True)
+    dest, tmp = _landing(paths, record)
     for rank, t in enumerate(ts):
-        src = f"{t.node.workdir}/runs/{record.run_id}/"
+        log = contract.run_log(t.node.workdir, record.run_id)
         if rank == 0:
-            argv = t.rsync(t.target(run_outputs(t.node.workdir, record.run_id) + "/"), f"{tmp}/", stats=False)
-            argv.insert(-1, t.target(src + "log"))
-            run(argv, capture=True)
+            outputs = t.target(run_outputs(t.node.workdir, record.run_id) + "/")
+            run(t.rsync([outputs, t.target(log)], f"{tmp}/", stats=False), capture=True)
             if len(ts) > 1:
                 (tmp / "logs").mkdir(exist_ok=True)
                 shutil.copyfile(tmp / "log", tmp / "logs" / "node-0.log")
         else:
-            run(t.rsync(t.target(src + "log"), str(tmp / "logs" / f"node-{rank}.log"), stats=False), capture=True)
+            run(t.rsync(t.target(log), str(tmp / "logs" / f"node-{rank}.log"), stats=False), capture=True)
     known = list(statuses or [])
     full = [known[i] if i < len(known) and known[i] else (run_status(t, record.run_id) or {}) for i, t in enumerate(ts)]
-    info = _run_json(record, full, codes)
+    return _landed(dest, tmp, _run_json(record, full, codes))
+
+
+def _landing(paths: Paths, record: RunRecord) -> tuple[Path, Path]:
+    """(the run's folder, where a pull writes): a fresh pull lands in a hidden folder renamed into
+    place at the end; an incomplete folder (no final run.json) is filled in place (files are added
+    and updated, never the user's own deleted), and run.json, written last, makes it complete."""
+    dest = local_run_dir(paths, record.job, record.run_id)
+    if is_final(dest):
+        raise UserError(f"{dest} already exists; it is never overwritten: move it away to pull {record.run_id} again")
+    tmp = dest if dest.exists() else dest.with_name(f".{dest.name}.partial")
+    if tmp != dest and tmp.exists():
+        shutil.rmtree(tmp)  # an earlier pull that was interrupted: ours, never the user's
+    tmp.mkdir(parents=True, exist_ok=True)
+    return dest, tmp
+
+
+def _landed(dest: Path, tmp: Path, info: dict[str, Any]) -> Path:
     atomic_write(tmp / "run.json", json.dumps(info, indent=2))
-    os.replace(tmp, dest)
+    if tmp != dest:
+        os.replace(tmp, dest)
     return dest
+
+
+def runs_bucket(ws: Workspace) -> Any:
+    """The stage's runs bucket (results.RunsBucket): where runs are read once their nodes are gone."""
+    from remotefit.results import RunsBucket
+
+    return RunsBucket(ws.client("s3"), ws.settings.runs_bucket, ws.stage)
+
+
+def pull_kept(ws: Workspace, record: RunRecord) -> Path | None:
+    """Pull a run from the runs bucket (None when it holds nothing of it): the same files and the same
+    run.json as a pull from the nodes; a run cut short (no final status from every node) lands as an
+    incomplete folder that a later pull completes."""
+    kept = runs_bucket(ws).find(record.run_id)
+    if kept is None:
+        return None
+    dest, tmp = _landing(ws.paths, record)
+    statuses = runs_bucket(ws).download(record.job, record.run_id, tmp, len(record.nodes))
+    return _landed(dest, tmp, _run_json(record, statuses, None))
+
+
+def is_final(dest: Path) -> bool:
+    """True when a local run folder holds a run.json written after the run's end was known.
+
+    Folders from before `final` existed count as final unless their exit codes are negative (a
+    killed ssh client taken for the job's status)."""
+    try:
+        info = json.loads((dest / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(info, dict) or info.get("final") is False:
+        return False
+    codes = info.get("exit_codes") or [info.get("exit_code")]
+    return all(not isinstance(c, int) or c >= 0 for c in codes)
 
 
 def _run_json(record: RunRecord, statuses: list[dict[str, Any]], codes: list[int] | None) -> dict[str, Any]:
@@ -808,7 +1078,10 @@ def _run_json(record: RunRecord, statuses: list[dict[str, Any]], codes: list[int
     codes = codes if codes is not None else [s.get("exit_code") for s in statuses]
     first_bad = next((c for c in codes if c), 0)
     n0 = record.nodes[0]
-    price = None if record.local else cost.hourly_price(n0["instance_type"], n0["market"], "us-east-1").usd_per_hour  # type: ignore[arg-type]
+    # The list price of the region the nodes ran in (their AZ without its letter); a spot run is estimated
+    # at that on-demand price too (an upper bound: run.json is written without asking EC2).
+    region = str(n0.get("availability_zone") or "us-east-1a")[:-1]
+    price = None if record.local else cost.hourly_price(n0["instance_type"], n0["market"], region).usd_per_hour  # type: ignore[arg-type]
     return {
         "run_id": record.run_id,
         "job": record.job,
@@ -816,6 +1089,7 @@ def _run_json(record: RunRecord, statuses: list[dict[str, Any]], codes: list[int
         "command": record.command,
         "arguments": record.args,
         "git_commit": record.git_commit,
+        "passed_env": record.passed_env,  # the names forwarded from the laptop; values are never recorded
         "node_type": n0["instance_type"],
         "node_count": len(record.nodes),
         "market": n0["market"],
@@ -825,6 +1099,8 @@ def _run_json(record: RunRecord, statuses: list[dict[str, Any]], codes: list[int
         "duration_s": duration,
         "exit_code": first_bad,
         "exit_codes": codes,
+        # Written only once every node's run has ended (finished, or lost without an exit code).
+        "final": bool(statuses) and all(s.get("state") in ("finished", "lost") for s in statuses),
         "estimated_cost_usd": (
             round(price * len(record.nodes) * duration / 3600, 4)
             if price is not None and duration is not None
@@ -838,14 +1114,38 @@ def _transports_for(ws: Workspace | None, record: RunRecord) -> list[Transport]:
     return transports(None if record.local else ws, nodes)
 
 
+def load_any_record(ws: Workspace, run_id: str | None) -> RunRecord:
+    """This laptop's record of the run, else the one its node put in the runs bucket (another laptop's
+    run, or generated/ lost)."""
+    try:
+        return load_record(ws.paths, run_id)
+    except UserError:
+        if run_id is None:
+            raise
+        kept = runs_bucket(ws).find(run_id)
+        record = runs_bucket(ws).record(kept.job, run_id) if kept else None
+        if not record:
+            raise
+        return RunRecord(**{k: v for k, v in record.items() if k in RunRecord.__dataclass_fields__})
+
+
 def pull(ws: Workspace, run_id: str | None) -> Path:
-    record = load_record(ws.paths, run_id)
+    record = load_any_record(ws, run_id)
+    dest = local_run_dir(ws.paths, record.job, record.run_id)
+    if is_final(dest):
+        raise UserError(f"{dest} already exists; it is never overwritten: move it away to pull {record.run_id} again")
     ts = _transports_for(ws, record)
     st = run_status(ts[0], record.run_id)
+    if st is None and not record.local:
+        # The node is gone (destroyed, self-terminated, interrupted) or replaced: the runs bucket has it.
+        pulled = pull_kept(ws, record)
+        if pulled is not None:
+            info = json.loads((pulled / "run.json").read_text())
+            if not info.get("final"):
+                echo(f"run {record.run_id}: its nodes are gone before it finished; pulled what the runs bucket has")
+            return pulled
     if st is None:
-        raise UserError(
-            f"cannot reach {ts[0].node.alias} or it has no run {record.run_id} (destroyed nodes keep nothing)"
-        )
+        raise UserError(f"cannot pull run {record.run_id}: {_why_no_status(ws, record, ts[0])}")
     if st.get("state") == "running":
         raise UserError(
             f"run {record.run_id} is still running; wait with `inv logs --run {record.run_id} --follow`, then pull"
@@ -853,22 +1153,44 @@ def pull(ws: Workspace, run_id: str | None) -> Path:
     return pull_run(ws.paths, record, ts, statuses=[st])
 
 
+def _why_no_status(ws: Workspace, record: RunRecord, t: Transport) -> str:
+    """The node answers but has no such run (replaced by a new apply), or why it does not answer."""
+    res = run(t.argv("true"), capture=True, check=False)
+    if res.returncode == 0:
+        return f"{t.node.alias} has no run {record.run_id} (a node replaced by `inv apply` keeps nothing)"
+    return unreachable(None if record.local else ws, t)
+
+
 def logs(ws: Workspace, run_id: str | None, follow_log: bool = False, follow: bool | None = None) -> int:
     follow_log = follow_log or bool(follow)
-    record = load_record(ws.paths, run_id)
+    record = load_any_record(ws, run_id)
     local_copy = local_run_dir(ws.paths, record.job, record.run_id) / "log"
     ts = _transports_for(ws, record)
     st = run_status(ts[0], record.run_id)
     if st is None and local_copy.exists():
-        sys.stdout.write(local_copy.read_text(errors="replace"))
+        sys.stdout.buffer.write(local_copy.read_bytes())
+        sys.stdout.flush()
         info = json.loads((local_copy.parent / "run.json").read_text())
         echo(f"run {record.run_id}: exit code {info['exit_code']} (from the pulled copy)")
         return int(info["exit_code"] or 0)
+    if st is None and not record.local:
+        kept = runs_bucket(ws).log(record.job, record.run_id)
+        if kept is not None:  # the node is gone: the log as the runs bucket has it
+            sys.stdout.buffer.write(kept)
+            sys.stdout.flush()
+            found = runs_bucket(ws).find(record.run_id)
+            status = found.statuses.get(0) if found else None
+            if status and status.get("exit_code") is not None:
+                echo(f"run {record.run_id}: exit code {status['exit_code']} (from the runs bucket)")
+                return int(status["exit_code"])
+            echo(f"run {record.run_id}: its node is gone before it finished (the log up to its last upload)")
+            return contract.EXIT_LOST
     if st is None:
-        raise UserError(f"cannot reach {ts[0].node.alias} for run {record.run_id}, and it was never pulled")
+        raise UserError(f"run {record.run_id} was never pulled: {_why_no_status(ws, record, ts[0])}")
     if st.get("state") == "running" and not follow_log:
-        res = run(ts[0].argv(remote(["cat", st["log"]])), capture=True, check=False)
-        sys.stdout.write(res.stdout)
+        res = run_bytes(ts[0].argv(remote(["cat", st["log"]])))
+        sys.stdout.buffer.write(res.stdout)  # bytes as the job wrote them, UTF-8 or not
+        sys.stdout.flush()
         echo(f"run {record.run_id} is still running: `inv logs --run {record.run_id} --follow` to keep watching")
         return 0
     code = _stream(ts[0], record.run_id)[0]  # `follow` is the flag here
@@ -899,7 +1221,7 @@ def runs_table(ws: Workspace) -> list[str]:
             )
         )
     pulled = {r[0] for r in rows}
-    from remotefit.nodes import inventory
+    from remotefit.inventory import inventory
 
     for n in inventory(ws):
         for st in run_status(Transport(n, ws.paths.ssh_config)) or []:
@@ -907,6 +1229,18 @@ def runs_table(ws: Workspace) -> list[str]:
                 rows.append(
                     (st["run_id"], f"{st['state']} on {n.alias}", str(st.get("exit_code", "-")), "-", n.instance_type)
                 )
+    # Runs whose nodes are gone: the runs bucket still has them (never a run left out).
+    seen = {r[0] for r in rows}
+    try:
+        kept = runs_bucket(ws).runs()
+    except UserError as exc:
+        kept = []
+        rows.append(("?", f"runs bucket not read: {exc}", "-", "-", "-"))
+    for k in kept:
+        if k.run_id not in seen:
+            code = k.statuses.get(0, {}).get("exit_code")
+            where = "in S3" if k.state == "finished" else "in S3, unfinished (its nodes gone or still running)"
+            rows.append((k.run_id, where, "-" if code is None else str(code), "-", "-"))
     if not rows:
         return ["no runs yet: `inv fit jobs/resnet`"]
     head = ("run", "where", "exit", "duration", "node")

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from remotefit import cost, preflight, steps
+from remotefit.data import valid_bucket
 from remotefit.errors import UserError
+from remotefit.inventory import inventory, require_nodes
+from remotefit.inventory import inventory_file as _inventory_file
 from remotefit.keys import ensure_key, public_key
 from remotefit.proc import atomic_write, echo, run
-from remotefit.ssh import Node, alias, remote, ssh_argv, ssh_close_argv, ssh_config_text
+from remotefit.ssh import Node, alias, ssh_argv, ssh_close_argv, ssh_config_text
 from remotefit.workspace import Workspace, check_cidr
 
 
@@ -39,6 +44,7 @@ class NodeSpec:
     allow_cidr: str | None = None
     i_know: bool = False
     explicit_type: bool = False  # --instance-type given: never swap it for a fallback type
+    data_buckets: tuple[str, ...] = ()  # S3 buckets the node role may read (job.toml [data])
 
 
 def resolve_spec(
@@ -54,6 +60,7 @@ def resolve_spec(
     idle_minutes: int | None = None,
     allow_cidr: str | None = None,
     i_know: bool = False,
+    data_bucket: Sequence[str] | None = None,
 ) -> NodeSpec:
     """Turn flags into a NodeSpec; every bad input is one line naming the flag and the fix."""
     d = ws.defaults
@@ -100,6 +107,8 @@ def resolve_spec(
         allow_cidr,
         i_know,
         explicit_type=instance_type is not None,
+        # invoke.yaml's data_buckets plus --data-bucket, sorted: the same set renders the same policy.
+        data_buckets=tuple(sorted({valid_bucket(b) for b in [*d.data_buckets, *(data_bucket or [])]})),
     )
 
 
@@ -119,33 +128,11 @@ def _vars_file(ws: Workspace) -> Path:
     return ws.paths.generated / "node_vars.json"
 
 
-def _inventory_file(ws: Workspace) -> Path:
-    return ws.paths.generated / "nodes.json"
-
-
 def load_node_vars(ws: Workspace) -> dict[str, Any] | None:
     try:
         return json.loads(_vars_file(ws).read_text())
     except (OSError, ValueError):
         return None
-
-
-def inventory(ws: Workspace) -> list[Node]:
-    """The live nodes of this stage (an inventory written for another STAGE is not ours)."""
-    try:
-        data = json.loads(_inventory_file(ws).read_text())
-        if data.get("stage") != ws.stage:
-            return []
-        return [Node(**n) for n in data["nodes"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-
-
-def require_nodes(ws: Workspace) -> list[Node]:
-    nodes = inventory(ws)
-    if not nodes:
-        raise UserError(f"no nodes are up for stage {ws.stage}: run `inv apply` (or `inv apply --gpu`) first")
-    return nodes
 
 
 def _pinned_ami(ws: Workspace, profile: str, refresh: bool) -> dict[str, str]:
@@ -156,8 +143,12 @@ def _pinned_ami(ws: Workspace, profile: str, refresh: bool) -> dict[str, str]:
     except (OSError, ValueError):
         pins = {}
     key = f"{ws.settings.AWS_REGION}/{profile}/{ws.endpoint or 'aws'}"
-    if refresh or key not in pins:
-        ami = ws.ami_resolver().resolve(profile)
+    resolver = ws.ami_resolver()
+    expected = resolver.source(profile)
+    if refresh or key not in pins or (expected and pins[key].get("source") != expected):
+        if key in pins and not refresh:
+            echo(f"apply: the {profile} image setting changed ({pins[key].get('source')} -> {expected}); resolving it")
+        ami = resolver.resolve(profile)
         pins[key] = {"id": ami.id, "ssh_user": ami.ssh_user, "python": ami.python, "source": ami.source}
         atomic_write(pins_file, json.dumps(pins, indent=2))
     return pins[key]
@@ -170,6 +161,8 @@ def node_variables(
     ami = _pinned_ami(ws, spec.profile, refresh_ami)
     return {
         "owner": _owner(ws),
+        # A default subnet that gives no public address on launch needs one asked for at launch.
+        "request_public_ip": not ws.default_subnets().get(az, True),
         "node_count": spec.nodes,
         "instance_type": instance_type,
         "market": market,
@@ -184,6 +177,7 @@ def node_variables(
         "ssh_user": ami["ssh_user"],
         # moto does not implement placement groups; real AWS gets one for several nodes of a type that
         # supports cluster placement (burstable T and *-flex types do not).
+        "data_buckets": list(spec.data_buckets),
         "cluster_placement": spec.nodes > 1 and ws.supports("placement_groups") and cluster_capable(instance_type),
     }
 
@@ -194,11 +188,53 @@ def cluster_capable(instance_type: str) -> bool:
 
 
 def _owner(ws: Workspace) -> str:
-    return ws.caller_identity()["Arn"]
+    """The owner tag, pinned once per stage: what the state's resources already carry, else what the last
+    apply used, else the caller without its role-session name. An apply by a teammate or from a new role
+    session then never retags every resource (which the IAM policy would refuse anyway)."""
+    pinned = _state_owner(ws) or (load_node_vars(ws) or {}).get("owner")
+    return str(pinned) if pinned else stable_identity(ws.caller_identity()["Arn"])
+
+
+def stable_identity(arn: str) -> str:
+    """`arn:aws:sts::1:assumed-role/Role/session` -> `arn:aws:iam::1:role/Role`: the session part changes at
+    every login, the role does not. Any other ARN is kept as it is."""
+    m = re.fullmatch(r"arn:([\w-]+):sts::(\d+):assumed-role/([^/]+)/[^/]+", arn)
+    return f"arn:{m[1]}:iam::{m[2]}:role/{m[3]}" if m else arn
+
+
+def _state_owner(ws: Workspace) -> str | None:
+    """The owner tag recorded on this stage's resources in the state, if any."""
+    try:
+        state = (read_state(ws) or ({}, None))[0]
+    except UserError:
+        return None
+    for res in state.get("resources", []):
+        for inst in res.get("instances", []) if res.get("mode") == "managed" else []:
+            owner = ((inst.get("attributes") or {}).get("tags_all") or {}).get("owner")
+            if owner:
+                return str(owner)
+    return None
+
+
+def current_placement(ws: Workspace) -> preflight.Candidate | None:
+    """(type, market, AZ) of the nodes this stage runs now, or None when none run."""
+    saved = load_node_vars(ws)
+    if not saved or not inventory(ws):
+        return None
+    try:
+        return preflight.Candidate(saved["instance_type"], saved["market"], saved["availability_zone"])
+    except KeyError:
+        return None
 
 
 def default_az(ws: Workspace, instance_type: str) -> str:
-    return preflight.azs_offering(ws.client("ec2"), instance_type)[0]
+    """The AZ a plan or `inv tfvars` shows: the running nodes' own, else the first with a default subnet."""
+    offered = preflight.azs_offering(ws.client("ec2"), instance_type)
+    zones = preflight.azs_with_default_subnet(
+        {instance_type: offered}, ws.default_subnets(), instance_type, ws.settings.AWS_REGION
+    )[instance_type]
+    current = current_placement(ws)
+    return current.az if current and current.az in zones else zones[0]
 
 
 def write_tfvars(ws: Workspace, spec: NodeSpec | None = None) -> Path:
@@ -255,52 +291,219 @@ def init_once(ws: Workspace, tf: Any) -> None:
         atomic_write(stamp, fingerprint)
 
 
-def _state_resource_count(ws: Workspace) -> int:
-    """Managed resource instances in the stage's state, read from the bucket (no terraform process)."""
-    from botocore.exceptions import ClientError
+def read_state(ws: Workspace) -> tuple[dict[str, Any], datetime] | None:
+    """The stage's Terraform state and when it was last written, read from the bucket (no terraform
+    process); None when the stage has no state yet. The state is the truth about what exists."""
+    from botocore.exceptions import BotoCoreError, ClientError
 
+    key = steps.state_key(ws.stage)
     try:
-        obj = ws.client("s3").get_object(Bucket=ws.settings.TF_STATE_BUCKET, Key=steps.state_key(ws.stage))
+        obj = ws.client("s3").get_object(Bucket=ws.settings.TF_STATE_BUCKET, Key=key)
+        body = obj["Body"].read()
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-            return 0
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
+            return None
         raise UserError(
             f"cannot read the state of stage {ws.stage} from {ws.settings.TF_STATE_BUCKET}: {exc}"
         ) from None
+    except BotoCoreError as exc:
+        raise UserError(f"cannot read the state of stage {ws.stage}: {exc}; check `inv check`") from None
     try:
-        state = json.loads(obj["Body"].read() or b"{}")
+        state = json.loads(body or b"{}")
     except ValueError:
         raise UserError(
-            f"the state s3://{ws.settings.TF_STATE_BUCKET}/{steps.state_key(ws.stage)} is not JSON; "
+            f"the state s3://{ws.settings.TF_STATE_BUCKET}/{key} is not JSON; "
             "restore an earlier version (the bucket is versioned)"
         ) from None
+    return state, obj["LastModified"]
+
+
+def state_if_any(ws: Workspace) -> tuple[dict[str, Any], datetime] | None:
+    """read_state, except on a sandbox that never ran (no server, nothing recorded): there is no
+    state to read, and starting a server just to find that out would leave one running."""
+    if ws.settings.is_sandbox and ws.sandbox.server() is None and not ws.sandbox.recording.exists():
+        return None
+    return read_state(ws)
+
+
+def _state_resource_count(ws: Workspace, got: tuple[dict[str, Any], datetime] | None = None) -> int:
+    """Managed resource instances in the stage's state (read now unless given)."""
+    state = (got or read_state(ws) or ({}, None))[0]
     return sum(len(r.get("instances", [])) for r in state.get("resources", []) if r.get("mode") == "managed")
 
 
-# -- plan / apply -----------------------------------------------------------------------
-# Variables whose change makes Terraform replace a running node (user data or launch-only settings).
-REPLACING = ("instance_type", "market", "max_hours", "idle_minutes")
+def _state_resource(state: dict[str, Any], rtype: str, name: str = "node") -> list[dict[str, Any]]:
+    """(attributes + index) of every instance of one managed resource in a state."""
+    out = []
+    for r in state.get("resources", []):
+        if r.get("mode") == "managed" and r.get("type") == rtype and r.get("name") == name:
+            for inst in r.get("instances", []):
+                out.append({**inst.get("attributes", {}), "_index": inst.get("index_key", 0)})
+    return sorted(out, key=lambda a: a["_index"] if isinstance(a["_index"], int) else 0)
 
 
-def replacement_warning(ws: Workspace, spec: NodeSpec) -> str | None:
-    """Say so before an apply replaces running nodes (and kills whatever runs on them)."""
-    saved = load_node_vars(ws)
-    running = inventory(ws)
-    if not saved or not running:
-        return None
-    asked = {
-        "instance_type": spec.instance_type,
-        "market": spec.market,
+def state_instances(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The nodes a state holds (even one an interrupted apply wrote before its outputs)."""
+    return [
+        {
+            "index": a["_index"] if isinstance(a["_index"], int) else i,
+            "id": a.get("id", ""),
+            "public_ip": a.get("public_ip") or "",
+            "private_ip": a.get("private_ip") or "",
+            "instance_type": a.get("instance_type", ""),
+            "availability_zone": a.get("availability_zone", ""),
+            "ami": a.get("ami", ""),
+            "market": "spot" if a.get("instance_market_options") else "on-demand",
+        }
+        for i, a in enumerate(_state_resource(state, "aws_instance"))
+        if a.get("id")
+    ]
+
+
+def rebuild_inventory(ws: Workspace, state: dict[str, Any] | None = None) -> list[Node]:
+    """Rebuild nodes.json and ssh_config from the state (local files lost, emptied or older than the
+    state, e.g. after an interrupted apply). Nodes that are not running keep their EC2 address."""
+    if state is None:
+        got = state_if_any(ws)
+        state = got[0] if got else {}
+    insts = state_instances(state)
+    if not insts:
+        return []
+    described = {i["InstanceId"]: i for i in _describe(ws, [i["id"] for i in insts])}
+    ssh_user = (state.get("outputs", {}).get("ssh_user") or {}).get("value") or "ubuntu"
+    saved = load_node_vars(ws) or {}
+    python = _pinned_ami_python(ws, saved)
+    nodes = []
+    for inst in insts:
+        d = described.get(inst["id"])
+        if d is None:
+            continue  # terminated and gone: nothing to reach
+        running = d.get("State", {}).get("Name") == "running"
+        ip = d.get("PublicIpAddress") or inst["public_ip"]
+        if running:
+            reach = ws.reach_node(inst["id"], ip, ssh_user, public_key(ws.paths.generated, ws.stage), saved)
+            host, port, user, workdir = reach.host, reach.port, reach.user, reach.workdir
+            private, py = reach.private_host or inst["private_ip"], reach.python or python
+        else:
+            host, port, user, workdir = ip, 22, ssh_user, f"/home/{ssh_user}/remotefit"
+            private, py = inst["private_ip"], python
+        launch = d.get("LaunchTime")
+        nodes.append(
+            Node(
+                index=inst["index"],
+                alias=alias(ws.stage, inst["index"]),
+                instance_id=inst["id"],
+                host=host,
+                port=port,
+                user=user,
+                private_ip=private,
+                workdir=workdir,
+                python=py,
+                instance_type=inst["instance_type"],
+                market=inst["market"],
+                availability_zone=inst["availability_zone"],
+                launch_time=launch.isoformat() if launch else datetime.now(UTC).isoformat(),
+            )
+        )
+    if nodes:
+        write_inventory(ws, nodes)
+    return nodes
+
+
+def _inventory_is_stale(ws: Workspace, state_written: datetime) -> bool:
+    """nodes.json missing, empty, another stage's, or older than the state."""
+    f = _inventory_file(ws)
+    if not inventory(ws):
+        return True
+    return datetime.fromtimestamp(f.stat().st_mtime, UTC) < state_written
+
+
+def destroy_variables(ws: Workspace, state: dict[str, Any]) -> dict[str, Any]:
+    """Node variables for `terraform destroy` when node_vars.json is lost: what the state says the
+    nodes are, defaults for the rest (destroy removes what the state holds, whatever the values)."""
+    spec = resolve_spec(ws)
+    insts = state_instances(state)
+    first = insts[0] if insts else {}
+    keys = _state_resource(state, "aws_key_pair")
+    ssh_user = (state.get("outputs", {}).get("ssh_user") or {}).get("value") or "ubuntu"
+    ami = first.get("ami") or ""
+    return {
+        "owner": _owner(ws),
+        "node_count": max(len(insts), 1),
+        "instance_type": first.get("instance_type") or spec.instance_type,
+        "market": first.get("market") or spec.market,
+        "ami_id": ami if ami.startswith("ami-") else "ami-00000000",
+        "availability_zone": first.get("availability_zone") or default_az(ws, spec.instance_type),
+        "allow_cidr": "127.0.0.1/32",  # any valid value: the rule is destroyed, not changed
+        "allow_world_ssh": False,
+        "public_key": (keys[0].get("public_key") if keys else None) or public_key(ws.paths.generated, ws.stage),
+        "disk_gb": spec.disk_gb,
         "max_hours": spec.max_hours,
         "idle_minutes": spec.idle_minutes,
+        "ssh_user": ssh_user,
+        "cluster_placement": bool(_state_resource(state, "aws_placement_group", "cluster")),
     }
-    changed = [f"{k} {saved.get(k)} -> {asked[k]}" for k in REPLACING if str(saved.get(k)) != str(asked[k])]
-    if not changed:
-        return None
-    return (
-        f"this apply replaces the {len(running)} running node(s) ({', '.join(changed)}): "
-        "a job running on them is killed and their disks are deleted"
-    )
+
+
+# -- plan / apply -----------------------------------------------------------------------
+# Why the provider replaces a node, in words (attribute paths from `terraform show -json`'s replace_paths).
+_REPLACE_WHY = {
+    "availability_zone": "availability zone",
+    "subnet_id": "availability zone (subnet)",
+    "ami": "AMI",
+    "user_data_base64": "boot script (deadline, idle timeout or a new remotefit version)",
+    "instance_market_options": "market",
+    "placement_group": "placement group",
+    "associate_public_ip_address": "public IP setting",
+    "key_name": "key pair",
+}
+
+
+def disruptions(plan: dict[str, Any]) -> list[str]:
+    """What a saved plan does to existing nodes, one phrase per node (from `terraform show -json`). Pure."""
+    out = []
+    for rc in plan.get("resource_changes", []):
+        if rc.get("type") != "aws_instance" or rc.get("mode") != "managed":
+            continue
+        change, addr = rc.get("change", {}), rc.get("address", "?")
+        actions = change.get("actions", [])
+        if actions == ["delete"]:
+            out.append(f"{addr} is destroyed")
+        elif "delete" in actions:
+            paths = {str(p[0]) for p in change.get("replace_paths") or [] if p}
+            why = sorted({_REPLACE_WHY.get(p, p) for p in paths})
+            if rc.get("action_reason") == "replace_by_triggers":
+                why.append("instance type of a spot node")
+            out.append(f"{addr} is replaced ({', '.join(why) or rc.get('action_reason', 'forced')})")
+        elif actions == ["update"]:
+            before, after = change.get("before") or {}, change.get("after") or {}
+            if before.get("instance_type") != after.get("instance_type"):
+                out.append(
+                    f"{addr} is stopped, resized {before.get('instance_type')} -> {after.get('instance_type')} and started"
+                )
+    return out
+
+
+def _apply_over_running_nodes(ws: Workspace, tf: Any, confirm: Callable[[str], None] | None) -> None:
+    """Plan first and say what the apply does to the running nodes (and ask, unless --yes) before doing it."""
+    planfile = tf.workdir / "reapply.tfplan"
+    try:
+        if tf.plan(ws.paths.tfvars(ws.settings), detailed=True, quiet=True, out=planfile) == 0:
+            echo("apply: no changes to the running nodes")
+            return
+        hits = disruptions(tf.show_json(planfile))
+        if hits:
+            msg = f"this apply disrupts running nodes: {'; '.join(hits)}; a job running on them is killed"
+            echo(f"warning: {msg}")
+            if confirm is not None:
+                try:
+                    confirm(f"{msg}. Go on?")
+                except BaseException:
+                    refresh_tfvars(ws)  # nothing was applied: keep the tfvars of what runs
+                    raise
+        tf.apply_plan(planfile)
+    finally:
+        planfile.unlink(missing_ok=True)
 
 
 def _fallbacks(ws: Workspace, spec: NodeSpec) -> list[str]:
@@ -321,6 +524,7 @@ def preflight_checks(ws: Workspace, spec: NodeSpec) -> dict[str, list[str]]:
             azs[t] = preflight.azs_offering(ec2, t)
         except UserError:
             continue  # a fallback not offered here is simply not tried
+    azs = preflight.azs_with_default_subnet(azs, ws.default_subnets(), spec.instance_type, ws.settings.AWS_REGION)
     vcpus = preflight.vcpus_of(ec2, spec.instance_type) * spec.nodes
     result = preflight.check_quota(
         ws.client("service-quotas"), spec.instance_type, spec.market, vcpus, ws.settings.AWS_REGION, nodes=spec.nodes
@@ -332,9 +536,29 @@ def preflight_checks(ws: Workspace, spec: NodeSpec) -> dict[str, list[str]]:
 
 def cost_lines(ws: Workspace, spec: NodeSpec) -> list[str]:
     est = cost.estimate(
-        spec.instance_type, spec.market, spec.nodes, spec.max_hours, ws.settings.AWS_REGION, ec2=ws.client("ec2")
-    )  # type: ignore[arg-type]
+        spec.instance_type,
+        spec.market,  # type: ignore[arg-type]
+        spec.nodes,
+        spec.max_hours,
+        ws.settings.AWS_REGION,
+        ec2=ws.client("ec2"),
+        disk_gb=spec.disk_gb,
+        public_ip=True,
+    )
     return est.lines()
+
+
+def node_rate(ws: Workspace, n: Node, disk_gb: float, az: str | None = None, ec2: Any = None) -> float | None:
+    """$/h of one running node: a spot node at the spot price of the AZ it runs in, plus its disk and public IPv4."""
+    spot_ec2 = (ec2 or ws.client("ec2")) if n.market == "spot" else None
+    price = cost.hourly_price(
+        n.instance_type,
+        n.market,  # type: ignore[arg-type]
+        ws.settings.AWS_REGION,
+        ec2=spot_ec2,
+        az=az or n.availability_zone or None,
+    ).usd_per_hour
+    return None if price is None else price + cost.extras_per_hour(disk_gb)
 
 
 def plan(ws: Workspace, spec: NodeSpec) -> int:
@@ -349,8 +573,31 @@ def plan(ws: Workspace, spec: NodeSpec) -> int:
     return tf.plan(ws.paths.tfvars(ws.settings), detailed=True)
 
 
-def apply(ws: Workspace, spec: NodeSpec, refresh_ami: bool = False, wait: bool = True) -> list[Node]:
-    """Create (or change) the nodes; on capacity errors try other AZs, fallback types, then on-demand."""
+def apply(
+    ws: Workspace,
+    spec: NodeSpec,
+    refresh_ami: bool = False,
+    wait: bool = True,
+    confirm: Callable[[str], None] | None = None,
+) -> list[Node]:
+    """Create (or change) the nodes; on capacity errors try other AZs, fallback types, then on-demand.
+
+    With nodes running, their own type and AZ come first, the apply is planned before it runs, and
+    `confirm` (None: go on) is asked when that plan would replace, destroy or resize any of them.
+    Interrupted, it says that resources may exist and which tasks see and remove them."""
+    try:
+        return _apply(ws, spec, refresh_ami, wait, confirm)
+    except KeyboardInterrupt:
+        echo(
+            "apply interrupted: some resources may exist and are billed; "
+            "`inv status` shows them, `inv destroy` removes them, `inv apply` completes them"
+        )
+        raise
+
+
+def _apply(
+    ws: Workspace, spec: NodeSpec, refresh_ami: bool, wait: bool, confirm: Callable[[str], None] | None
+) -> list[Node]:
     azs = preflight_checks(ws, spec)
     for line in cost_lines(ws, spec):
         echo(line)
@@ -362,6 +609,10 @@ def apply(ws: Workspace, spec: NodeSpec, refresh_ami: bool = False, wait: bool =
         _fallbacks(ws, spec),
         ws.defaults.allow_on_demand_fallback,
     )
+    current = current_placement(ws)
+    candidates = preflight.prefer_current(candidates, current)
+    if current is not None and candidates[:1] == [current]:
+        candidates = candidates[:1]  # never move running nodes elsewhere to find capacity for more of them
     tf = steps.terraform(ws)
     tried: list[str] = []
     for cand in candidates:
@@ -371,7 +622,13 @@ def apply(ws: Workspace, spec: NodeSpec, refresh_ami: bool = False, wait: bool =
             init_once(ws, tf)
         echo(f"apply: {spec.nodes} × {cand.instance_type} ({cand.market}) in {cand.az}")
         try:
-            tf.apply(ws.paths.tfvars(ws.settings))
+            if current is not None and not tried:
+                _apply_over_running_nodes(ws, tf, confirm)
+            else:
+                tf.apply(ws.paths.tfvars(ws.settings))
+        except KeyboardInterrupt:
+            atomic_write(_vars_file(ws), json.dumps(values, indent=2))  # what destroy needs
+            raise
         except UserError as exc:
             kind = preflight.classify_launch_error(exc.message)
             if kind != "capacity":
@@ -396,6 +653,12 @@ def apply(ws: Workspace, spec: NodeSpec, refresh_ami: bool = False, wait: bool =
         if wait:
             wait_ready(ws, nodes, gpu=spec.profile == "gpu")
         return nodes
+    if current is not None:  # the running nodes stay as they are; only the extra capacity was missing
+        refresh_tfvars(ws)
+        raise UserError(
+            "no capacity for more nodes where the running ones are: " + " | ".join(tried) + "; the running nodes "
+            "are unchanged: try later, or `inv destroy` and apply again to start elsewhere"
+        )
     # Nothing had capacity: leave nothing behind, and show every error we met.
     echo("apply: every option failed; destroying what was created")
     atomic_write(_vars_file(ws), json.dumps(values, indent=2))  # so `inv destroy` can retry if this fails
@@ -453,10 +716,43 @@ def write_inventory(ws: Workspace, nodes: list[Node]) -> None:
     atomic_write(ws.paths.ssh_config, ssh_config_text(nodes, key, ws.paths.generated / "known_hosts"), mode=0o600)
 
 
-READY_CMD = (
-    # cloud-init finishing means user_data armed the guards; images without cloud-init have none to wait for.
-    "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait >/dev/null || true; fi; mkdir -p {workdir}"
-)
+# The boot script (templates/user_data.sh.tftpl) ends with one of these markers and logs to BOOT_LOG; a
+# sandbox node says where its own are through REMOTEFIT_BOOT_DIR/REMOTEFIT_BOOT_LOG (sshd SetEnv).
+BOOT_DIR = "/var/lib/remotefit"
+BOOT_LOG = "/var/log/remotefit-boot.log"
+BOOT_FAILED_RC = 97
+BOOTING_RC = 98
+BOOT_TAIL_LINES = 8
+
+
+def ready_command(workdir: str) -> str:
+    """The readiness check run over ssh: exit 0 once the boot script finished, BOOT_FAILED_RC with the
+    failure marker and the boot log's tail when it failed, BOOTING_RC while it still runs."""
+    return (
+        # cloud-init finishing means the boot script ran to its end (or died): a marker must be there.
+        "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait >/dev/null 2>&1; done=1; "
+        "else done=0; fi; "
+        f'b="${{REMOTEFIT_BOOT_DIR:-{BOOT_DIR}}}"; log="${{REMOTEFIT_BOOT_LOG:-{BOOT_LOG}}}"; '
+        'if [ -f "$b/boot-failed" ]; then printf "%s\\n" "$(head -n 1 "$b/boot-failed" | cut -c 1-300)"; '
+        f'tail -n {BOOT_TAIL_LINES} "$log" 2>&1; exit {BOOT_FAILED_RC}; fi; '
+        'if [ ! -f "$b/boot-done" ]; then '
+        'if [ "$done" = 1 ]; then echo "the boot script ended without its ready marker"; '
+        f'tail -n {BOOT_TAIL_LINES} "$log" 2>&1; exit {BOOT_FAILED_RC}; fi; '
+        f'echo "still booting: $(tail -n 1 "$log" 2>/dev/null)"; exit {BOOTING_RC}; fi; '
+        f"mkdir -p {shlex.quote(workdir)}"
+    )
+
+
+def boot_failure(node: Node, output: str) -> str:
+    """One line for a node whose boot failed: which node, why, and the boot log's last lines."""
+    lines = [ln.strip()[:200] for ln in output.strip().splitlines() if ln.strip()]
+    why = lines[0] if lines else "no failure marker text"
+    tail = " | ".join(lines[1:]) or "(the boot log is empty)"
+    return (
+        f"{node.alias} ({node.instance_id}): the node's boot failed: {why}; last lines of {BOOT_LOG}: {tail}; "
+        f"the whole log: `inv ssh --node {node.index}` then `cat {BOOT_LOG}`; remove the nodes with "
+        "`inv destroy` (they also stop themselves at the deadline), or fix the cause and run `inv apply` again"
+    )
 
 
 def wait_ready(ws: Workspace, nodes: list[Node], gpu: bool = False, timeout: float | None = None) -> float:
@@ -469,7 +765,7 @@ def wait_ready(ws: Workspace, nodes: list[Node], gpu: bool = False, timeout: flo
         for n in list(pending):
             try:
                 res = run(
-                    ssh_argv(ws.paths.ssh_config, n.alias, READY_CMD.format(workdir=shlex.quote(n.workdir))),
+                    ssh_argv(ws.paths.ssh_config, n.alias, ready_command(n.workdir)),
                     capture=True,
                     check=False,
                     timeout=120,
@@ -480,6 +776,11 @@ def wait_ready(ws: Workspace, nodes: list[Node], gpu: bool = False, timeout: flo
             if res.returncode == 0:
                 pending.remove(n)
                 echo(f"ready: {n.alias} ({n.instance_id}) after {time.monotonic() - t0:.1f} s")
+            elif res.returncode == BOOT_FAILED_RC:
+                # Nodes, state and inventory are all recorded by now: `inv destroy` removes everything.
+                raise UserError(boot_failure(n, res.stdout))
+            elif res.returncode == BOOTING_RC:
+                last = res.stdout.strip()[:300]
             else:
                 tail = (res.stderr or res.stdout).strip().splitlines()
                 last = tail[-1] if tail else f"ssh exit {res.returncode}"
@@ -542,9 +843,41 @@ def _describe(ws: Workspace, ids: list[str]) -> list[dict[str, Any]]:
     return [i for r in res["Reservations"] for i in r["Instances"]]
 
 
+def unreachable_hint(n: Node, state: str | None) -> str:
+    """One line for a node that did not answer ssh: which node, its EC2 state, and the fix."""
+    who = f"{n.alias} ({n.instance_id})"
+    if state in ("stopped", "stopping"):
+        return f"{who} is {state}: run `inv start`"
+    if state in ("terminated", "shutting-down"):
+        return (
+            f"{who} is {state} (its deadline, the idle watchdog or a spot interruption?): run `inv apply` for a new one"
+        )
+    if state is None:
+        return f"{who} no longer exists in EC2: run `inv apply` for a new one"
+    if state == "pending":
+        return f"{who} is still starting: wait a minute and retry (`inv status`)"
+    return (
+        f"{who} is {state} but does not answer ssh at {n.host}:{n.port}: check `inv status`, your network, "
+        "and that your IP is the one allowed in (`inv apply --allow-cidr`)"
+    )
+
+
+def explain_unreachable(ws: Workspace, n: Node) -> str:
+    """unreachable_hint with the node's state asked from EC2 (or why it could not be asked)."""
+    try:
+        described = _describe(ws, [n.instance_id])
+    except UserError as exc:
+        return f"{n.alias} ({n.instance_id}) does not answer ssh, and EC2 could not be asked: {exc}"
+    state = described[0].get("State", {}).get("Name") if described else None
+    return unreachable_hint(n, state)
+
+
 def status_rows(ws: Workspace, now: datetime | None = None) -> list[dict[str, str]]:
     now = now or datetime.now(UTC)
     nodes = inventory(ws)
+    got = state_if_any(ws)
+    if got and _inventory_is_stale(ws, got[1]):
+        nodes = rebuild_inventory(ws, got[0]) or nodes
     saved = load_node_vars(ws) or {}
     described = {i["InstanceId"]: i for i in _describe(ws, [n.instance_id for n in nodes])}
     rows = []
@@ -553,8 +886,9 @@ def status_rows(ws: Workspace, now: datetime | None = None) -> list[dict[str, st
         state = d.get("State", {}).get("Name", "gone")
         launched = d.get("LaunchTime") or datetime.fromisoformat(n.launch_time)
         hours = (now - launched).total_seconds() / 3600
-        price = cost.hourly_price(n.instance_type, n.market, ws.settings.AWS_REGION).usd_per_hour  # type: ignore[arg-type]
-        so_far = cost.cost_so_far(price, launched, now, 1) if price is not None and state == "running" else None
+        az = d.get("Placement", {}).get("AvailabilityZone")
+        price = node_rate(ws, n, float(saved.get("disk_gb", 0)), az) if state == "running" else None
+        so_far = cost.cost_so_far(price, launched, now, 1) if price is not None else None
         left = float(saved.get("max_hours", 0)) - hours
         rows.append(
             {
@@ -571,6 +905,21 @@ def status_rows(ws: Workspace, now: datetime | None = None) -> list[dict[str, st
             }
         )
     return rows
+
+
+def status_lines(ws: Workspace) -> list[str]:
+    """`inv status`: the nodes' table, or what the state still holds when no node is there."""
+    rows = status_rows(ws)
+    if rows:
+        return table(rows)
+    got = state_if_any(ws)
+    held = _state_resource_count(ws, got) if got else 0
+    if held:
+        return [
+            f"no nodes for stage {ws.stage}, but its state holds {held} resource(s) (an interrupted apply?): "
+            "`inv destroy` removes them, `inv apply` completes them"
+        ]
+    return [f"no nodes for stage {ws.stage} (run `inv apply`)"]
 
 
 def table(rows: list[dict[str, str]]) -> list[str]:
@@ -656,9 +1005,13 @@ def destroy(ws: Workspace) -> list[str]:
         lines.append(f"nothing to destroy: stage {ws.stage} has no resources in its state")
     else:
         if refresh_tfvars(ws) is None:
-            raise UserError(
-                f"{_vars_file(ws)} is missing, so Terraform lacks the node variables; run `inv tfvars` then `inv destroy`"
-            )
+            # node_vars.json is lost (a fresh clone, a deleted generated/): the state is enough.
+            got = read_state(ws)
+            steps.write_tfvars(ws, destroy_variables(ws, got[0] if got else {}))
+            echo(f"destroy: {_vars_file(ws).name} is missing; node variables rebuilt from the state")
+        from remotefit import tunnel
+
+        tunnel.close(ws)  # their nodes are going
         for n in nodes:
             run(ssh_close_argv(ws.paths.ssh_config, n.alias), capture=True, check=False)
         tf.destroy(ws.paths.tfvars(ws.settings))
@@ -681,8 +1034,9 @@ def _spent(ws: Workspace, nodes: list[Node]) -> float | None:
         return None
     now = datetime.now(UTC)
     total = 0.0
+    disk_gb = float((load_node_vars(ws) or {}).get("disk_gb", 0))
     for n in nodes:
-        price = cost.hourly_price(n.instance_type, n.market, ws.settings.AWS_REGION).usd_per_hour  # type: ignore[arg-type]
+        price = node_rate(ws, n, disk_gb)
         if price is None:
             return None
         total += cost.cost_so_far(price, datetime.fromisoformat(n.launch_time), now, 1)
@@ -744,7 +1098,3 @@ def ssh_interactive(ws: Workspace, index: int) -> int:
     import subprocess
 
     return subprocess.call(ssh_argv(ws.paths.ssh_config, n.alias, tty=True))  # noqa: S603
-
-
-def remote_check(ws: Workspace, n: Node, command: list[str]) -> str:
-    return run(ssh_argv(ws.paths.ssh_config, n.alias, remote(command)), capture=True).stdout

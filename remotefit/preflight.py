@@ -275,3 +275,38 @@ def launch_candidates(
     if market == "spot" and allow_on_demand_fallback:
         markets.append("on-demand")
     return [Candidate(t, m, az) for m in markets for t in types for az in azs.get(t, ())]
+
+
+def azs_with_default_subnet(
+    azs: Mapping[str, Sequence[str]], subnets: Mapping[str, bool], instance_type: str, region: str
+) -> dict[str, list[str]]:
+    """Keep only the AZs that have a default subnet (Terraform launches into it). Pure.
+
+    A fallback type left with no AZ is dropped; the asked `instance_type` left with none is one line
+    naming the command that creates the missing default subnet."""
+    out = {t: [az for az in zones if az in subnets] for t, zones in azs.items()}
+    if not out.get(instance_type):
+        zones = list(azs.get(instance_type, ()))
+        first = zones[0] if zones else f"{region}a"
+        raise UserError(
+            f"no availability zone that offers {instance_type} in {region} ({', '.join(zones) or 'none'}) has a "
+            f"default subnet: create one with `aws ec2 create-default-subnet --availability-zone {first} "
+            f"--region {region}`"
+        )
+    return {t: zones for t, zones in out.items() if zones}
+
+
+def prefer_current(candidates: Sequence[Candidate], current: Candidate | None) -> list[Candidate]:
+    """Put the running nodes' own (type, market, AZ) first; within each type and market, their AZ first. Pure.
+
+    A re-apply then changes nothing that is already there, and a capacity fallback that moved the nodes
+    once is not undone by the next apply (which would replace them)."""
+    if current is None:
+        return list(candidates)
+    groups: list[tuple[str, str]] = []
+    for c in candidates:
+        if (c.instance_type, c.market) not in groups:
+            groups.append((c.instance_type, c.market))
+    return sorted(
+        candidates, key=lambda c: (c != current, groups.index((c.instance_type, c.market)), c.az != current.az)
+    )

@@ -62,6 +62,15 @@ def run(
     return res
 
 
+def run_bytes(argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
+    """Run argv and capture its output as bytes (a job's log is whatever the job wrote, UTF-8 or not)."""
+    try:
+        return subprocess.run(list(argv), capture_output=True, stdin=subprocess.DEVNULL, check=False)  # noqa: S603
+    except FileNotFoundError:
+        tool = Path(argv[0]).name
+        raise UserError(f"{tool} not found on PATH; {_INSTALL_HINTS.get(tool, 'install it')}") from None
+
+
 def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
     """Write a file so that readers see the old or the new content, never half of it."""
     ensure_writable(path.parent)

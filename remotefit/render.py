@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from remotefit.errors import UserError
+from remotefit.node import NODE_DIR, USER_DATA_FILES
 from remotefit.proc import atomic_write, ensure_writable
 
 TERRAFORM_REQUIRED_VERSION = ">= 1.11"
 # The mirrored provider is 5.100; 5.60 brought everything the templates use.
 AWS_PROVIDER_CONSTRAINT = ">= 5.60, < 6.0"
 ENDPOINT_SERVICES = ("ec2", "iam", "s3", "ssm", "sts")
-# Files the templates read with file()/templatefile(), copied beside the rendered .tf files.
-NODE_FILES = ("watchdog.py", "remotefit-watchdog.service", "remotefit-watchdog.timer")
+# Files the templates read with file()/templatefile(), copied beside the rendered .tf files (from the
+# installed remotefit/node/ package data).
+NODE_FILES = USER_DATA_FILES
 
 
 def template_context() -> dict[str, Any]:
@@ -84,9 +86,7 @@ def check_hcl(name: str, text: str) -> dict[str, Any]:
         ) from None
 
 
-def render_terraform(
-    templates: Path, out_dir: Path, scripts: Path, context: Mapping[str, Any] | None = None
-) -> list[Path]:
+def render_terraform(templates: Path, out_dir: Path, context: Mapping[str, Any] | None = None) -> list[Path]:
     """Render templates into `out_dir`, checking every file before writing any of them."""
     rendered = render_templates(templates, context or template_context())
     for name, text in rendered.items():
@@ -100,13 +100,50 @@ def render_terraform(
     for extra in sorted(templates.glob("*.tftpl")):
         shutil.copyfile(extra, out_dir / extra.name)
         written.append(out_dir / extra.name)
-    for name in NODE_FILES:
-        shutil.copyfile(scripts / "node" / name, out_dir / name)
-        written.append(out_dir / name)
+    written += write_node_files(out_dir)
     # A template removed from templates/ must not linger as a stale .tf file.
     for stale in out_dir.glob("*.tf"):
         if stale.name not in rendered:
             stale.unlink()
+    return written
+
+
+def compact_python(source: str) -> str:
+    """The same module without comments and its functions' and classes' docstrings (for the size-capped
+    user data); the module's own docstring stays (a script's --help may print it)."""
+    import ast
+
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module):
+            continue
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            del body[0]
+            if not body:
+                body.append(ast.Pass())
+    return ast.unparse(tree) + "\n"
+
+
+def write_node_files(out_dir: Path) -> list[Path]:
+    """Copy the node files the user data embeds (remotefit/node/) beside the rendered templates."""
+    written = []
+    for name in NODE_FILES:
+        if name.endswith(".py"):
+            # EC2 caps user data at 16 KB (gzipped, base64): the node's Python goes in without its prose
+            # (the same code: tests/test_user_data.py compares it with the packaged module).
+            source = (NODE_DIR / name).read_text()
+            shebang = source.splitlines()[0] + "\n" if source.startswith("#!") else ""
+            atomic_write(out_dir / name, shebang + compact_python(source))
+        else:
+            shutil.copyfile(NODE_DIR / name, out_dir / name)
+        written.append(out_dir / name)
     return written
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,29 +23,36 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from remotefit.errors import UserError
+from remotefit.node import NODE_DIR, contract
 from remotefit.proc import atomic_write, echo, spawn_daemon
 
 SANDBOX_REGION_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 SSHD = "/usr/sbin/sshd"
+MOTO_SEED = 20260101  # any fixed number: the same seed and requests give the same IDs
 
 
-def free_port() -> int:
+def free_port(prefer: int | None = None) -> int:
+    """A free loopback port: `prefer` when it is free (a restarted AWS keeps its address), else any."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no obstacle
+        try:
+            s.bind(("127.0.0.1", prefer or 0))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 def pid_alive(pid: int, marker: str) -> bool:
-    """True when `pid` runs and its command line holds `marker` (a recycled pid is not ours)."""
+    """True when `pid` runs (not a zombie) and its command line holds `marker` (a recycled pid is not
+    ours: these daemons' records keep no start time)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    state = stat.rsplit(")", 1)[-1].split()[0]
-    return marker in cmdline and state != "Z"
+    return marker in cmdline and contract.pid_alive(pid)
 
 
 def stop_pid(pid: int, marker: str, grace: float = 5.0) -> bool:
@@ -68,6 +76,45 @@ def stop_pid(pid: int, marker: str, grace: float = 5.0) -> bool:
     return True
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` in the process tree, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def stop_sshd(pid: int, grace: float = 3.0) -> bool:
+    """Stop a node's sshd listener AND its open connections with what they run. Each connection's sshd
+    calls setsid(), so stopping the listener's process group spares them: a client's ControlMaster
+    (ControlPersist 10m) would keep a "terminated" node's session running. True if the listener ran."""
+    sessions = descendants(pid) if pid_alive(pid, "sshd") else []
+    stopped = stop_pid(pid, "sshd", grace=grace)
+    for s in sessions:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(s, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(pid_alive(s, "") for s in sessions) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for s in sessions:
+        if pid_alive(s, ""):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(s, signal.SIGKILL)
+        _reap(s)
+    return stopped
+
+
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
@@ -85,7 +132,7 @@ class Server:
 
 
 class Sandbox:
-    """Start, find and stop the sandbox processes recorded under `generated/sandbox/`."""
+    """Start, find and stop the sandbox processes recorded in the project's kept folder (config.Paths.sandbox_dir)."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
@@ -93,20 +140,20 @@ class Sandbox:
 
     # -- the moto server ---------------------------------------------------------------
     def server(self) -> Server | None:
-        """The running server, or None. A stale record of a dead server is removed, not trusted."""
+        """The running server, or None. Read-only: a dead server's record, its nodes and their jobs
+        are left alone (`up` restores the state and re-adopts the nodes)."""
         try:
             srv = Server(**json.loads(self.record.read_text()))
         except (OSError, ValueError, TypeError):
             return None
-        alive = pid_alive(srv.pid, "moto")
-        if alive and any(_answers(srv.endpoint) for _ in range(3)):  # a loaded machine may answer late
+        if pid_alive(srv.pid, "moto") and any(_answers(srv.endpoint) for _ in range(3)):  # may answer late
             return srv
-        if alive:
-            stop_pid(srv.pid, "moto")  # running but deaf: stop it rather than leave a second server behind
-        echo(f"sandbox: removing the stale record of a moto server that is gone (pid {srv.pid})")
-        self.record.unlink(missing_ok=True)
-        self._forget_nodes()
         return None
+
+    @property
+    def recording(self) -> Path:
+        """Every request moto served, in order (moto's recorder): replayed into a restarted server."""
+        return self.dir / "moto-recording.jsonl"
 
     def up(self) -> Server:
         """Start the moto server if it is not running (twice is harmless) and return it."""
@@ -114,36 +161,101 @@ class Sandbox:
         if srv:
             return srv
         self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            stale = Server(**json.loads(self.record.read_text()))
+        except (OSError, ValueError, TypeError):
+            stale = None
+        if stale and pid_alive(stale.pid, "moto"):
+            stop_pid(stale.pid, "moto")  # running but deaf: stop it rather than leave a second server behind
+        # Decided before the new server answers anything (its own start-up probes are recorded too).
+        fresh = not self.recording.exists() or self.recording.stat().st_size == 0
         last = "no output"
-        for _attempt in range(3):  # a free port can be taken by another process before moto binds it
-            port = free_port()
+        log = self.dir / "moto.log"
+        for attempt in range(3):  # a free port can be taken by another process before moto binds it
+            # The old port first: what the nodes were told (the uploader's endpoint) keeps working.
+            port = free_port(stale.port if stale and attempt == 0 else None)
+            start = log.stat().st_size if log.exists() else 0
             # Its own session: it survives the invoke process; `sandbox.down` stops it.
             proc = spawn_daemon(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                self.dir / "moto.log",
-                env={"MOTO_IAM_LOAD_MANAGED_POLICIES": "true", **SANDBOX_REGION_CREDENTIALS},
+                [sys.executable, "-m", "remotefit.sandbox", "moto", "--port", str(port)],
+                log,
+                env={
+                    "MOTO_IAM_LOAD_MANAGED_POLICIES": "true",
+                    "MOTO_ENABLE_RECORDING": "true",
+                    "MOTO_RECORDER_FILEPATH": str(self.recording),
+                    "PYTHONPATH": str(Path(__file__).resolve().parent.parent),  # this remotefit, whatever the cwd
+                    **SANDBOX_REGION_CREDENTIALS,
+                },
             )
             srv = Server(pid=proc.pid, port=port, started_at=time.time())
             deadline = time.monotonic() + 60
-            while proc.poll() is None and not _answers(srv.endpoint) and time.monotonic() < deadline:
+            answered = False
+            while proc.poll() is None and time.monotonic() < deadline:
+                answered = _answers(srv.endpoint)
+                if answered:
+                    break
                 time.sleep(0.1)
-            time.sleep(0.1)
-            if proc.poll() is None and _answers(srv.endpoint):  # ours answers, not a stranger on the port
+            # Ours answers, not a stranger on the port: our process still runs and says it bound the
+            # port (a second request is no proof: moto's second answer takes ~2 s on a loaded machine).
+            with log.open("rb") as fh:
+                fh.seek(start)
+                bound = f"Running on {srv.endpoint}".encode() in fh.read()
+            if answered and bound and proc.poll() is None:
                 break
             stop_pid(proc.pid, "moto")
-            tail = (self.dir / "moto.log").read_text(errors="replace").strip().splitlines()[-1:]
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:]
             last = tail[0] if tail else "no output"
         else:
             raise UserError(
                 f"the sandbox moto server did not start ({last}); run scripts/bootstrap to install moto[server]"
             )
+        restored = self._restore(srv, fresh)
         atomic_write(self.record, json.dumps(asdict(srv)))
-        echo(f"sandbox: moto server up at {srv.endpoint} (pid {srv.pid})")
+        echo(f"sandbox: moto server up at {srv.endpoint} (pid {srv.pid}){restored}")
         return srv
 
-    def down(self) -> list[str]:
-        """Stop every sandbox process; return what was stopped. Leaves no process behind."""
-        stopped = [f"sshd node {n.instance_id} (port {n.port})" for n in self.nodes() if self.stop_node(n)]
+    def _restore(self, srv: Server, fresh: bool) -> str:
+        """Make a new server hold what the last one held: moto's IDs come from a seeded generator, so
+        replaying every recorded request (the seed first) rebuilds the same instances, buckets and
+        state versions. Then live sandbox nodes are re-adopted (their watchdogs pointed here)."""
+        if fresh:
+            _post(f"{srv.endpoint}/moto-api/seed?a={MOTO_SEED}")  # recorded: the replay starts with it
+            return ""
+        lines = replay(self.recording, srv.endpoint)
+        adopted = [n.instance_id for n in self.nodes() if n.alive() and self._repoint_watchdog(n, srv.endpoint)]
+        return f"; restored the previous server's state ({lines} recorded requests)" + (
+            f", re-adopted node(s) {', '.join(adopted)}" if adopted else ""
+        )
+
+    def _repoint_watchdog(self, node: SandboxNode, endpoint: str) -> bool:
+        """Restart a live node's watchdog against the new endpoint, with its original deadline."""
+        d = self.nodes_dir / node.instance_id
+        try:
+            config = json.loads((d / "watchdog.json").read_text())
+        except (OSError, ValueError):
+            return True
+        cmd = config.get("shutdown_cmd", [])
+        if "--endpoint" in cmd:
+            cmd[cmd.index("--endpoint") + 1] = endpoint
+        atomic_write(d / "watchdog.json", json.dumps(config))
+        if node.watchdog_pid:
+            stop_pid(node.watchdog_pid, "watchdog", grace=3)
+        node.watchdog_pid = self._spawn_watchdog(d, node)
+        atomic_write(d / "node.json", json.dumps(asdict(node)))
+        return True
+
+    def down(self, ssh_config: Path | None = None) -> list[str]:
+        """Stop every sandbox process (our ssh ControlMaster connections to its nodes included) and
+        forget its state; return what was stopped. Leaves no process behind."""
+        stopped = []
+        if ssh_config is not None and ssh_config.exists() and self.nodes():
+            for host in re.findall(r"^Host (\S+)", ssh_config.read_text(), flags=re.M):
+                res = subprocess.run(  # noqa: S603
+                    ["ssh", "-F", str(ssh_config), "-O", "exit", host], capture_output=True, check=False
+                )
+                if res.returncode == 0:
+                    stopped.append(f"ssh connection to {host}")
+        stopped += [f"sshd node {n.instance_id} (port {n.port})" for n in self.nodes() if self.stop_node(n)]
         try:
             srv = Server(**json.loads(self.record.read_text()))
         except (OSError, ValueError, TypeError):
@@ -151,6 +263,7 @@ class Sandbox:
         if srv and stop_pid(srv.pid, "moto"):
             stopped.append(f"moto server (pid {srv.pid}, port {srv.port})")
         self.record.unlink(missing_ok=True)
+        self.recording.unlink(missing_ok=True)  # a deliberate down starts afresh
         self._forget_nodes()
         return stopped
 
@@ -201,13 +314,14 @@ class Sandbox:
                 check=True,
             )
         atomic_write(d / "authorized_keys", public_key.strip() + "\n", mode=0o600)
+        boot = self.boot(d)
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         user = _user()
         last = "no output"
         for _attempt in range(3):  # a free port can be taken by another process before sshd binds it
             port = free_port()
-            config = sshd_config_text(port, host_key, d / "authorized_keys", d / "sshd.pid", user, instance_id)
+            config = sshd_config_text(port, host_key, d / "authorized_keys", d / "sshd.pid", user, instance_id, boot)
             atomic_write(d / "sshd_config", config, mode=0o600)
             proc = spawn_daemon([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log")
             deadline = time.monotonic() + 30
@@ -226,18 +340,29 @@ class Sandbox:
         atomic_write(d / "node.json", json.dumps(asdict(node)))
         return node
 
+    @staticmethod
+    def boot(d: Path) -> Path:
+        """What user data leaves on an AWS node, for the same readiness check: a boot log and the
+        ready marker (the sandbox has no boot script to fail; the watchdog starts separately)."""
+        boot = d / "boot"
+        boot.mkdir(exist_ok=True)
+        (boot / "boot-failed").unlink(missing_ok=True)
+        atomic_write(boot / "boot.log", "remotefit-boot: sandbox node: nothing to install\n")
+        atomic_write(boot / "boot-done", "sandbox node ready\n")
+        return boot
+
     def _start_watchdog(
         self, d: Path, node: SandboxNode, endpoint: str, region: str, max_hours: float, idle: int
     ) -> int:
         now = time.time()
-        config = {
-            "deadline_epoch": now + max_hours * 3600,
-            "idle_minutes": idle,
-            "started_epoch": now,
-            "base": node.workdir,
-            "imds": "http://127.0.0.1:9",  # no metadata service on loopback: spot checks are no-ops here
-            "state": str(d / "watchdog-state.json"),
-            "shutdown_cmd": [
+        config = contract.watchdog_config(
+            deadline_epoch=now + max_hours * 3600,
+            idle_minutes=idle,
+            started_epoch=now,
+            base=node.workdir,
+            imds="http://127.0.0.1:9",  # no metadata service on loopback: spot checks are no-ops here
+            state=str(d / "watchdog-state.json"),
+            shutdown_cmd=[
                 sys.executable,
                 "-m",
                 "remotefit.sandbox",
@@ -250,9 +375,12 @@ class Sandbox:
                 region,
                 node.instance_id,
             ],
-        }
+        )
         atomic_write(d / "watchdog.json", json.dumps(config))
-        script = Path(__file__).resolve().parent.parent / "scripts" / "node" / "watchdog.py"
+        return self._spawn_watchdog(d, node)
+
+    def _spawn_watchdog(self, d: Path, node: SandboxNode) -> int:
+        script = NODE_DIR / "watchdog.py"
         argv = [
             sys.executable,
             str(script),
@@ -277,7 +405,7 @@ class Sandbox:
         node = self.node(instance_id)
         if node:
             _stop_active_run(Path(node.workdir))
-            stop_pid(node.pid, "sshd", grace=3)
+            stop_sshd(node.pid)
             (self.nodes_dir / instance_id / "node.json").unlink(missing_ok=True)
             if node.watchdog_pid and pid_alive(node.watchdog_pid, "watchdog"):
                 os.kill(node.watchdog_pid, signal.SIGTERM)  # the machine is "off": its watchdog too
@@ -286,7 +414,7 @@ class Sandbox:
         if node.watchdog_pid:
             stop_pid(node.watchdog_pid, "watchdog", grace=3)
         _stop_active_run(Path(node.workdir))  # a terminated machine runs no jobs
-        stopped = stop_pid(node.pid, "sshd", grace=3)
+        stopped = stop_sshd(node.pid)
         f = self.nodes_dir / node.instance_id / "node.json"
         f.unlink(missing_ok=True)
         return stopped
@@ -309,8 +437,12 @@ class SandboxNode:
         return pid_alive(self.pid, "sshd") and _port_open(self.port)
 
 
-def sshd_config_text(port: int, host_key: Path, authorized: Path, pidfile: Path, user: str, node: str) -> str:
-    """An sshd that accepts only the stage's key, only on loopback, only for this user."""
+def sshd_config_text(
+    port: int, host_key: Path, authorized: Path, pidfile: Path, user: str, node: str, boot: Path
+) -> str:
+    """An sshd that accepts only the stage's key, only on loopback, only for this user. Its sessions
+    find the node's boot markers and log (see nodes.ready_command) through REMOTEFIT_BOOT_*, and the
+    data fetcher's Python through REMOTEFIT_TOOLS_PYTHON."""
     return "\n".join(
         [
             f"# sandbox node {node}: written by remotefit",
@@ -331,7 +463,10 @@ def sshd_config_text(port: int, host_key: Path, authorized: Path, pidfile: Path,
             "ClientAliveInterval 15",
             "ClientAliveCountMax 4",
             "Subsystem sftp internal-sftp",
-            f"SetEnv REMOTEFIT_NODE={node}",
+            # REMOTEFIT_TOOLS_PYTHON: the node-side tools' Python (the uploader's, the data fetcher's); a real
+            # node's is /opt/remotefit-tools, made by its user data; here the dev venv's, which has boto3.
+            f'SetEnv REMOTEFIT_NODE={node} "REMOTEFIT_BOOT_DIR={boot}" "REMOTEFIT_BOOT_LOG={boot / "boot.log"}" '
+            f'"REMOTEFIT_TOOLS_PYTHON={sys.executable}"',
             "",
         ]
     )
@@ -349,6 +484,44 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def replay(recording: Path, endpoint: str) -> int:
+    """Send every recorded request to a fresh server, in order, unrecorded (what moto's own
+    replay-recording does, from here: our server handles one request at a time, so it could not
+    call itself); return how many."""
+    import base64
+    from urllib.parse import urlsplit
+
+    import requests  # moto's own dependency: present wherever the sandbox runs
+
+    _post(f"{endpoint}/moto-api/recorder/stop-recording")
+    count = 0
+    try:
+        for raw in recording.read_text().splitlines():
+            entry = json.loads(raw)
+            body = entry.get("body") or b""
+            if entry.get("body_encoded"):
+                body = base64.b64decode(body)
+            parts = urlsplit(entry["url"])
+            url = f"{endpoint}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+            headers = {
+                k: v
+                for k, v in entry.get("headers", {}).items()
+                if k.lower() not in ("transfer-encoding", "host", "expect")
+            }
+            # requests, as moto's own replay uses: urllib would add a form Content-Type to bodies that
+            # have none, and the server would then read them as a form (seen: lost S3 bodies).
+            requests.request(entry["method"], url, headers=headers, data=body, timeout=60)
+            count += 1
+    finally:
+        _post(f"{endpoint}/moto-api/recorder/start-recording")
+    return count
+
+
+def _post(url: str, timeout: float = 30) -> None:
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=timeout):  # noqa: S310
+        pass
+
+
 def _answers(endpoint: str) -> bool:
     """Any HTTP answer from the server counts: an error status still means it is up."""
     try:
@@ -361,11 +534,12 @@ def _answers(endpoint: str) -> bool:
 
 
 def _stop_active_run(workdir: Path) -> None:
-    """Kill the job the node's runner recorded as active (its own session, so sshd's exit spares it)."""
+    """Kill the job the node's runner recorded as active (its own session, so sshd's exit spares it);
+    only while that record names the live job (a recycled pid is someone else's)."""
+    active = contract.live_active(str(workdir))
     try:
-        active = json.loads((workdir / "active.json").read_text())
-        pgid = int(active["pgid"])
-    except (OSError, ValueError, KeyError, TypeError):
+        pgid = int(active["pgid"])  # type: ignore[index]
+    except (ValueError, KeyError, TypeError):
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
@@ -378,6 +552,55 @@ def _boto_creds() -> dict[str, str]:
     }
 
 
+def serve_moto(port: int) -> None:
+    """moto's own server, but handling one request at a time: its recorder then logs requests in
+    the order they drew IDs from the seeded generator, and a replay rebuilds the same IDs (with
+    Terraform's parallel requests interleaving, it would not)."""
+    import threading
+    from collections import OrderedDict
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import run_simple
+
+    from remotefit.sandbox_moto import apply_fixes
+
+    apply_fixes()  # moto bugs that make it answer unlike AWS (see sandbox_moto.py)
+    app = DomainDispatcherApplication(create_backend_app)
+    lock = threading.Lock()
+    answered: OrderedDict[str, tuple[str, list[Any], list[bytes]]] = OrderedDict()
+
+    def serial(environ: Any, start_response: Any) -> Any:
+        # An SDK retry of a call this server already carried out (its answer lost on a loaded machine) gets
+        # that answer again instead of running twice: a second AddRoleToInstanceProfile, say, would fail with
+        # LimitExceeded and fail the apply for a sandbox hiccup. Both SDKs mark retries (amz-sdk-request:
+        # attempt=N) and keep one amz-sdk-invocation-id across the attempts of one call.
+        call = environ.get("HTTP_AMZ_SDK_INVOCATION_ID", "")
+        retry = re.search(r"attempt=([2-9]|\d\d)", environ.get("HTTP_AMZ_SDK_REQUEST", ""))
+        with lock:
+            if call and retry and call in answered:
+                status, headers, body = answered[call]
+                print(
+                    f"sandbox: {environ.get('REQUEST_METHOD')} retry of call {call} answered as before ({status})",
+                    flush=True,
+                )
+                start_response(status, headers)
+                return body
+            seen: dict[str, Any] = {}
+
+            def keep(status: str, headers: list[Any], exc_info: Any = None) -> Any:
+                seen.update(status=status, headers=headers)
+                return start_response(status, headers, exc_info)
+
+            body = list(app(environ, keep))
+            if call and str(seen.get("status", "")).startswith("2"):
+                answered[call] = (seen["status"], seen["headers"], body)
+                while len(answered) > 256:  # retries come within seconds; a few hundred calls is plenty
+                    answered.popitem(last=False)
+            return body
+
+    run_simple("127.0.0.1", port, serial, threaded=True, request_handler=MotoRequestHandler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m remotefit.sandbox self-terminate ...`: the sandbox node watchdog's shutdown command."""
     import argparse
@@ -385,11 +608,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="remotefit.sandbox")
     sub = p.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("self-terminate", help="terminate a sandbox node as its own shutdown would")
-    st.add_argument("--dir", required=True, help="the sandbox directory (generated/sandbox)")
+    st.add_argument("--dir", required=True, help="the sandbox directory (Paths.sandbox_dir)")
     st.add_argument("--endpoint", required=True, help="the moto server endpoint")
     st.add_argument("--region", required=True, help="the region of the instance")
     st.add_argument("instance_id", help="the instance that shuts itself down")
+    mo = sub.add_parser("moto", help="serve moto on loopback, one request at a time (a replayable order)")
+    mo.add_argument("--port", type=int, required=True, help="the loopback port to listen on")
     args = p.parse_args(argv)
+    if args.cmd == "moto":
+        serve_moto(args.port)
+        return 0
     Sandbox(Path(args.dir)).self_terminate(args.instance_id, args.endpoint, args.region)
     print(f"sandbox: {args.instance_id} terminated itself")
     return 0

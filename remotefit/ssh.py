@@ -91,28 +91,34 @@ def ssh_close_argv(config: Path, node_alias: str) -> list[str]:
 
 
 def rsync_argv(
-    config: Path,
-    src: str,
+    config: Path | None,
+    src: str | Sequence[str],
     dest: str,
     *,
     excludes: Sequence[str] = (),
+    filters: Sequence[str] = (),
     filter_files: Sequence[Path] = (),
     delete: bool = False,
     stats: bool = True,
+    human: bool = True,
+    safe_links: bool = False,
+    rsync_path: str | None = None,
     dry_run: bool = False,
 ) -> list[str]:
-    """rsync over our ssh config. -a keeps symlinks as links (never follows them out of the folder)."""
+    """rsync over our ssh config (`config` None: both ends on this machine, no ssh), in its final
+    form. -a keeps symlinks as links (never follows them out of the folder); --safe-links also
+    leaves out the links that point outside; `rsync_path` is the remote command that starts rsync
+    (a check or a mkdir first, in the same connection); `human` False gives exact --stats numbers."""
     # --modify-window=-1: compare mtimes to the nanosecond, so a same-size edit made within the second of
     # the last sync is still sent (rsync >= 3.1.3 on both ends; `inv check` asks for it).
-    argv = [
-        "rsync",
-        "-a",
-        "--partial",
-        "--modify-window=-1",
-        "--human-readable",
-        "-e",
-        f"ssh -F {shlex.quote(str(config))}",
-    ]
+    argv = ["rsync", "-a", "--partial", "--modify-window=-1", "--human-readable" if human else "--no-human-readable"]
+    if config is not None:
+        argv += ["-e", f"ssh -F {shlex.quote(str(config))}"]
+    if rsync_path is not None:
+        argv.append(f"--rsync-path={rsync_path}")
+    if safe_links:
+        argv.append("--safe-links")
+    argv += list(filters)
     if stats:
         argv.append("--stats")
     if delete:
@@ -123,4 +129,4 @@ def rsync_argv(
         argv.append(f"--filter=merge {f}")
     for pattern in excludes:
         argv.append(f"--exclude={pattern}")
-    return argv + [src, dest]
+    return argv + ([src] if isinstance(src, str) else list(src)) + [dest]

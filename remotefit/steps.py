@@ -26,6 +26,10 @@ def check(ws: Workspace | None, offline: bool, terraform_binary: str = "terrafor
     statuses = [tools.probe(t) for t in tools.tool_table(terraform_binary)]
     for line in tools.table_lines(statuses):
         print(line)
+    name, notes = tools.install_set()
+    print(f"\ninstall set: {name}")
+    for note in notes:
+        print(f"  {note}")
     missing = [s.tool.name for s in statuses if not s.ok]
     ok = not missing
     if missing:
@@ -53,6 +57,7 @@ def write_tfvars(ws: Workspace, node_values: dict[str, object]) -> Path:
     s = ws.settings
     values: dict[str, object] = {"name": s.AWS_ACCOUNT, "region": s.AWS_REGION, "environment": s.STAGE}
     values["aws_endpoint"] = ws.endpoint
+    values["runs_bucket"] = s.runs_bucket
     values |= node_values
     return write_hcl_file(
         ws.paths.tfvars(s),
@@ -92,20 +97,22 @@ def write_backend_config(ws: Workspace) -> Path:
 
 
 def backend(ws: Workspace) -> list[str]:
-    """Create (or repair) the hardened state bucket, then write the backend config."""
-    from remotefit.backend import ensure_state_bucket
+    """Create (or repair) the hardened state and runs buckets, then write the backend config."""
+    from remotefit.backend import ensure_runs_bucket, ensure_state_bucket
 
     ws.paths.generated.mkdir(parents=True, exist_ok=True)
-    report = ensure_state_bucket(
-        ws.client("s3"),
-        ws.settings.TF_STATE_BUCKET,
-        ws.settings.AWS_REGION,
-        ws.tags(),
-        # moto applies a TLS-only policy to every request, https too, which would lock Terraform out.
-        require_tls=ws.supports("tls_bucket_policy"),
-    )
+    s3, region, tags = ws.client("s3"), ws.settings.AWS_REGION, ws.tags()
+    # moto applies a TLS-only policy to every request, https too, which would lock Terraform out.
+    tls = ws.supports("tls_bucket_policy")
+    report = ensure_state_bucket(s3, ws.settings.TF_STATE_BUCKET, region, tags, require_tls=tls)
+    runs = ensure_runs_bucket(s3, ws.settings.runs_bucket, region, tags, require_tls=tls)
     path = write_backend_config(ws)
-    return [*report.lines(), f"wrote {path.relative_to(ws.paths.root) if path.is_relative_to(ws.paths.root) else path}"]
+    return [
+        *report.lines(),
+        *runs.lines(),
+        f"runs bucket {runs.bucket}: every run's outputs and logs; `inv destroy` never touches it",
+        f"wrote {path.relative_to(ws.paths.root) if path.is_relative_to(ws.paths.root) else path}",
+    ]
 
 
 def require_backend(ws: Workspace) -> None:
@@ -128,7 +135,7 @@ def require_backend(ws: Workspace) -> None:
 
 # -- render / terraform -----------------------------------------------------------------
 def render(ws: Workspace) -> list[Path]:
-    return render_terraform(ws.paths.templates, ws.paths.terraform_dir, ws.paths.root / "scripts")
+    return render_terraform(ws.paths.templates, ws.paths.terraform_dir)
 
 
 def terraform(ws: Workspace, with_cloud: bool = True) -> Terraform:

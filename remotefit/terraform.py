@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from remotefit.errors import UserError
-from remotefit.proc import echo, run, run_tee
+from remotefit.proc import run, run_tee
 
 MIN_VERSION = (1, 11, 0)
 # What a person needs to see of apply/destroy; the whole output goes to generated/terraform/last-*.log.
@@ -39,9 +39,20 @@ def init_argv(binary: str, backend_file: Path | None) -> list[str]:
     return argv + (["-reconfigure", f"-backend-config={backend_file}"] if backend_file else ["-backend=false"])
 
 
-def plan_argv(binary: str, tfvars: Path, detailed: bool = False, destroy: bool = False) -> list[str]:
+def plan_argv(
+    binary: str, tfvars: Path, detailed: bool = False, destroy: bool = False, out: Path | None = None
+) -> list[str]:
     argv = [binary, "plan", "-input=false", "-no-color", "-lock-timeout=0s", f"-var-file={tfvars}"]
-    return argv + (["-detailed-exitcode"] if detailed else []) + (["-destroy"] if destroy else [])
+    argv += (["-detailed-exitcode"] if detailed else []) + (["-destroy"] if destroy else [])
+    return argv + ([f"-out={out}"] if out else [])
+
+
+def apply_plan_argv(binary: str, planfile: Path) -> list[str]:
+    return [binary, "apply", "-input=false", "-no-color", "-lock-timeout=0s", str(planfile)]
+
+
+def show_json_argv(binary: str, planfile: Path) -> list[str]:
+    return [binary, "show", "-json", "-no-color", str(planfile)]
 
 
 def apply_argv(binary: str, tfvars: Path) -> list[str]:
@@ -68,7 +79,9 @@ class Terraform:
     """A Terraform binary bound to a working directory and an environment."""
 
     def __init__(self, binary: str, workdir: Path, env: dict[str, str]) -> None:
-        self.binary = binary
+        from remotefit.tools import find_binary
+
+        self.binary = find_binary(binary) or binary
         self.workdir = workdir
         self.env = {"TF_IN_AUTOMATION": "1", "TF_INPUT": "0", "CHECKPOINT_DISABLE": "1", **env}
 
@@ -111,9 +124,11 @@ class Terraform:
     def init(self, backend_file: Path | None, quiet: bool = True) -> None:
         self._run(init_argv(self.binary, backend_file), "init", quiet=quiet)
 
-    def plan(self, tfvars: Path, detailed: bool = False, quiet: bool = False, destroy: bool = False) -> int:
+    def plan(
+        self, tfvars: Path, detailed: bool = False, quiet: bool = False, destroy: bool = False, out: Path | None = None
+    ) -> int:
         """Return 0 (no changes) or 2 (changes) with -detailed-exitcode; raise on errors."""
-        argv = plan_argv(self.binary, tfvars, detailed=detailed, destroy=destroy)
+        argv = plan_argv(self.binary, tfvars, detailed=detailed, destroy=destroy, out=out)
         code, out = run_tee(argv, cwd=self.workdir, env=self.env, quiet=quiet)
         if code == 2 and detailed:
             return 2
@@ -123,6 +138,16 @@ class Terraform:
 
     def apply(self, tfvars: Path, quiet: bool = False) -> str:
         return self._run(apply_argv(self.binary, tfvars), "apply", quiet=quiet)
+
+    def apply_plan(self, planfile: Path, quiet: bool = False) -> str:
+        """Apply a plan saved with `plan(out=...)`: exactly what was shown, nothing re-planned."""
+        return self._run(apply_plan_argv(self.binary, planfile), "apply", quiet=quiet)
+
+    def show_json(self, planfile: Path) -> dict[str, Any]:
+        res = run(show_json_argv(self.binary, planfile), cwd=self.workdir, env=self.env, capture=True, check=False)
+        if res.returncode != 0:
+            raise UserError(f"terraform show failed: {summarize_error(res.stderr + res.stdout)}")
+        return dict(json.loads(res.stdout or "{}"))
 
     def destroy(self, tfvars: Path, quiet: bool = False) -> str:
         return self._run(destroy_argv(self.binary, tfvars), "destroy", quiet=quiet)
@@ -174,8 +199,3 @@ def summarize_error(output: str, workdir: Path | str = "generated/terraform") ->
         return first + detail
     tail = [ln for ln in output.strip().splitlines() if ln.strip()]
     return tail[-1] if tail else "no output"
-
-
-def echo_lines(lines: list[str]) -> None:
-    for line in lines:
-        echo(line)

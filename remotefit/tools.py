@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from remotefit.terraform import MIN_VERSION, parse_version
 
@@ -49,13 +51,18 @@ class ToolStatus:
 
 
 def find_binary(name: str) -> str | None:
+    """A tool on PATH, else the copy scripts/bootstrap installed beside this Python (terraform in .venv/bin,
+    checkov in .venv-checkov), so `.venv/bin/inv` works without an activated venv."""
+    venv = Path(sys.prefix)
     if name == "checkov":
-        from pathlib import Path
-
-        local = Path(sys.prefix).parent / ".venv-checkov" / "bin" / "checkov"
+        local = venv.parent / ".venv-checkov" / "bin" / "checkov"
         if local.exists():
             return str(local)
-    return shutil.which(name)
+    found = shutil.which(name)
+    if found or "/" in name:
+        return found
+    local = venv / "bin" / name
+    return str(local) if local.is_file() and os.access(local, os.X_OK) else None
 
 
 def probe(tool: Tool) -> ToolStatus:
@@ -81,6 +88,31 @@ def probe(tool: Tool) -> ToolStatus:
 def _loose_version(text: str) -> tuple[int, ...] | None:
     m = re.search(r"(\d+)\.(\d+)(?:p(\d+))?", text)  # OpenSSH prints e.g. OpenSSH_9.2p1
     return tuple(int(g) for g in m.groups() if g is not None) if m else None
+
+
+# What each optional piece of the larger install sets brings (scripts/bootstrap --sandbox / default).
+OPTIONAL_MODULES = {
+    "moto": "the embedded sandbox (`inv sandbox.up`, `inv demo`)",
+    "torch": "`inv fit --local` of jobs/resnet, and jobs on loopback sandbox nodes",
+    "pytest": "the test suite",
+}
+
+
+def install_set(has: dict[str, bool] | None = None) -> tuple[str, list[str]]:
+    """The install set this venv holds (aws-only, sandbox, dev) and a line for each missing optional piece."""
+    import importlib.util
+
+    has = has if has is not None else {m: importlib.util.find_spec(m) is not None for m in OPTIONAL_MODULES}
+    name = "dev" if all(has.values()) else "sandbox" if has["moto"] and has["torch"] else "aws-only"
+    if name == "aws-only" and (has["moto"] or has["torch"]):
+        name = "aws-only, partly sandbox"
+    fix = {"moto": "scripts/bootstrap --sandbox", "torch": "scripts/bootstrap --sandbox", "pytest": "scripts/bootstrap"}
+    notes = [
+        f"{m}: not installed; needed for {what}; `{fix[m]}` adds it"
+        for m, what in OPTIONAL_MODULES.items()
+        if not has[m]
+    ]
+    return name, notes
 
 
 def table_lines(statuses: list[ToolStatus]) -> list[str]:

@@ -7,7 +7,10 @@ the target.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import json
+import os
 import sys
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,6 +25,10 @@ if TYPE_CHECKING:
     from remotefit.ami import AmiResolver
 
 LOOPBACK_CIDR = "127.0.0.1/32"
+# Set to a file path to append one JSON line per AWS call made through `Workspace.client` (service,
+# operation, the parameters that name resources): the IAM policy coverage test reads it.
+CALL_LOG_ENV = "REMOTEFIT_AWS_CALL_LOG"
+_LOGGED_PARAMS = ("Bucket", "Key", "Resources", "Tags", "TagSpecifications", "InstanceIds", "Name", "RoleName")
 # What the moto server does not implement (each is skipped on the sandbox, and only there).
 SANDBOX_GAPS = frozenset({"placement_groups", "tls_bucket_policy"})
 
@@ -50,6 +57,7 @@ class Workspace:
         self.defaults = defaults if isinstance(defaults, Defaults) else load_defaults(defaults)
         self._identity: dict[str, str] | None = None
         self._public_cidr: str | None = None
+        self._default_subnets: dict[str, bool] | None = None
 
     @property
     def stage(self) -> str:
@@ -100,9 +108,13 @@ class Workspace:
             read_timeout=60,
             s3={"addressing_style": "path"} if self.endpoint else {},
         )
-        return self._session.client(
+        client = self._session.client(
             service, region_name=region or self.settings.AWS_REGION, endpoint_url=self.endpoint, config=cfg
         )
+        log = os.environ.get(CALL_LOG_ENV)
+        if log:
+            client.meta.events.register("provide-client-params.*.*", functools.partial(_log_call, Path(log)))
+        return client
 
     def caller_identity(self) -> dict[str, str]:
         """STS GetCallerIdentity (asked once per Workspace: apply's pre-flight and every capacity
@@ -130,6 +142,29 @@ class Workspace:
             raise UserError(f"cannot reach AWS STS: {exc}") from None
         return {k: ident[k] for k in ("Account", "Arn", "UserId")}
 
+    def default_subnets(self) -> dict[str, bool]:
+        """{AZ: gives public IPv4 on launch} for the default subnets of the region's default VPC (asked once).
+
+        Accounts created before 2013-12 or cleaned up by hand may have no default VPC, or lack the
+        default subnet of an AZ: one line says how to create them."""
+        if self._default_subnets is None:
+            ec2 = self.client("ec2")
+            region = self.settings.AWS_REGION
+            vpcs = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}]).get("Vpcs", [])
+            if not vpcs:
+                raise UserError(
+                    f"the account has no default VPC in {region}, which remotefit launches into: "
+                    f"create one with `aws ec2 create-default-vpc --region {region}`"
+                )
+            subnets = ec2.describe_subnets(
+                Filters=[
+                    {"Name": "vpc-id", "Values": [vpcs[0]["VpcId"]]},
+                    {"Name": "default-for-az", "Values": ["true"]},
+                ]
+            ).get("Subnets", [])
+            self._default_subnets = {s["AvailabilityZone"]: bool(s.get("MapPublicIpOnLaunch")) for s in subnets}
+        return self._default_subnets
+
     def tags(self) -> dict[str, str]:
         """Tags on everything we create: how `destroy` verifies and `gc` finds what is ours."""
         return {
@@ -149,16 +184,27 @@ class Workspace:
             return self._public_cidr  # looked up once per Workspace
         import urllib.request
 
+        url = self.defaults.caller_ip_url
         try:
-            with urllib.request.urlopen(self.defaults.caller_ip_url, timeout=5) as r:  # noqa: S310
-                ip = r.read().decode().strip()
-            self._public_cidr = f"{ipaddress.ip_address(ip)}/32"
-            return self._public_cidr
+            with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310
+                answer = r.read(64).decode(errors="replace").strip()
         except (OSError, ValueError):
             raise UserError(
-                f"could not find this machine's public IP from {self.defaults.caller_ip_url}; "
-                "pass --allow-cidr YOUR.IP.ADDR.ESS/32"
+                f"could not find this machine's public IP from {url}; pass --allow-cidr YOUR.IP.ADDR.ESS/32"
             ) from None
+        try:
+            ip = ipaddress.ip_address(answer)
+        except ValueError:
+            ip = None
+        # The SSH rule is one IPv4 /32 (cidr_ipv4): a private, reserved or IPv6 answer (a proxy or a
+        # captive portal speaking for itself) would open the wrong door or none, so refuse it.
+        if not isinstance(ip, ipaddress.IPv4Address) or not ip.is_global:
+            raise UserError(
+                f"{url} answered {answer[:40]!r}, which is not a public IPv4 address; "
+                "pass --allow-cidr YOUR.IP.ADDR.ESS/32"
+            )
+        self._public_cidr = f"{ip}/32"
+        return self._public_cidr
 
     def supports(self, feature: str) -> bool:
         """Features the moto server lacks, so the sandbox skips them and says so (see sandbox.py)."""
@@ -190,7 +236,20 @@ class Workspace:
     def ami_resolver(self) -> AmiResolver:
         from remotefit.ami import ImageListResolver, SsmAmiResolver
 
-        return ImageListResolver(self.client("ec2")) if self.endpoint else SsmAmiResolver(self.client("ssm"))
+        if self.endpoint:
+            return ImageListResolver(self.client("ec2"))
+        return SsmAmiResolver(self.client("ssm"), self.defaults.gpu_image)
+
+
+def _log_call(path: Path, params: dict[str, Any], model: Any, **_: Any) -> None:
+    """botocore hook: one JSON line per call (never a secret: only resource-naming parameters)."""
+    line = {
+        "service": model.service_model.signing_name,
+        "operation": model.name,
+        "params": {k: params[k] for k in _LOGGED_PARAMS if k in params},
+    }
+    with path.open("a") as f:
+        f.write(json.dumps(line, default=str) + "\n")
 
 
 def check_cidr(value: str, i_know: bool = False) -> str:

@@ -5,9 +5,9 @@ so they never touch a developer's sandbox, and each gets its own moto server and
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +25,94 @@ TARGET=sandbox
 """
 
 
+# Tests never touch a developer's kept records (keys, sandbox: config.kept_dir); projects set their own.
+os.environ["REMOTEFIT_HOME"] = tempfile.mkdtemp(prefix="remotefit-test-home-")
+
+# Every end-to-end test needs these; `requires(...)` names more (checkov, terraform alone).
+E2E_TOOLS = ("terraform", "ssh", "rsync", "sshd")
+# The venv's bin folder first: scripts/bootstrap may have installed terraform there.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def tool_path(name: str) -> str | None:
+    """Where a tool the tests need is, or None."""
+    if name == "sshd":
+        return "/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None
+    from remotefit.tools import find_binary
+
+    return find_binary(name)
+
+
 def tools_present() -> bool:
-    return all(shutil.which(t) for t in ("terraform", "ssh", "rsync")) and Path("/usr/sbin/sshd").exists()
+    return all(tool_path(t) for t in E2E_TOOLS)
 
 
-needs_tools = pytest.mark.skipif(
-    not tools_present(), reason="terraform, ssh, rsync and sshd are needed (scripts/bootstrap)"
-)
+# A test that drives the real chain (moto server, terraform, ssh/rsync, sshd nodes). Without the tools it is
+# skipped on a developer's machine, but under CI=true or --strict-e2e a missing tool is a failure naming it.
+e2e = pytest.mark.e2e
+needs_tools = e2e  # the older name
+
+
+def requires(*tools: str) -> pytest.MarkDecorator:
+    """Mark a test that needs these tools (strict like e2e, but not counted as end to end)."""
+    return pytest.mark.requires(*tools)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--strict-e2e",
+        action="store_true",
+        help="fail (not skip) tests whose tools are missing; on by default when CI=true",
+    )
+
+
+def strict(config: pytest.Config) -> bool:
+    ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    return ci or bool(config.getoption("--strict-e2e")) or os.environ.get("REMOTEFIT_STRICT_E2E") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requires(*tools): needs these tools; strict under CI like e2e")
+    config.addinivalue_line("markers", "fault: an injected fault (tests/test_e2e_faults.py), counted apart")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    needed: list[str] = list(E2E_TOOLS) if item.get_closest_marker("e2e") else []
+    for mark in item.iter_markers("requires"):
+        needed += [t for t in mark.args if t not in needed]
+    missing = [t for t in needed if not tool_path(t)]
+    if not missing:
+        return
+    msg = f"missing tool(s): {', '.join(missing)} (scripts/bootstrap installs them)"
+    if strict(item.config):
+        pytest.fail(f"{msg}; a skipped end-to-end test is a failure under CI=true / --strict-e2e", pytrace=False)
+    pytest.skip(msg)
+
+
+@dataclass
+class _Counted:
+    """One end-to-end test that ran, as an entry of pytest's closing line (`N e2e ran`)."""
+
+    nodeid: str
+    count_towards_summary: bool = True
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Runs in the controller under xdist too; counts tests marked e2e (and fault) whose body ran.
+    if report.when != "call" or _reporter is None:
+        return
+    for mark, label in (("e2e", "e2e ran"), ("fault", "faults ran")):
+        if mark in report.keywords:
+            _reporter.stats.setdefault(label, []).append(_Counted(report.nodeid))
+
+
+_reporter = None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _reporter
+    _reporter = session.config.pluginmanager.get_plugin("terminalreporter")
 
 
 @dataclass
@@ -42,6 +123,11 @@ class Project:
     env: dict[str, str] = field(default_factory=dict)
 
     @property
+    def cwd(self) -> Path:
+        """Where `inv` runs: the repo root (the project's files are redirected by REMOTEFIT_* variables)."""
+        return ROOT
+
+    @property
     def generated(self) -> Path:
         return self.dir / "generated"
 
@@ -50,16 +136,27 @@ class Project:
         return self.dir / "runs"
 
     @property
+    def kept(self) -> Path:
+        """The records kept outside generated/ (keys, the sandbox): where this project's env puts them."""
+        from remotefit.config import kept_dir, remotefit_home
+
+        return kept_dir(self.generated, remotefit_home(self.env))
+
+    @property
+    def sandbox(self) -> Path:
+        return self.kept / "sandbox"
+
+    @property
     def env_file(self) -> Path:
         return self.dir / "aws_env_vars"
 
     def inv(
         self, *args: str, check: bool = True, timeout: float = 600, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run `inv ARGS` from the repo root with this project's files; check=True asserts exit 0."""
+        """Run `inv ARGS` from `cwd` with this project's files; check=True asserts exit 0."""
         res = subprocess.run(
             [INV, *args],
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.env,
             capture_output=True,
             text=True,
@@ -114,6 +211,7 @@ def make_project(
             "REMOTEFIT_ENV_FILE": str(base / "aws_env_vars"),
             "REMOTEFIT_GENERATED": str(base / "generated"),
             "REMOTEFIT_RUNS": str(base / "runs"),
+            "REMOTEFIT_HOME": str(base / "home"),
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
         }
     )

@@ -444,3 +444,40 @@ def test_unreachable_endpoint():
 def test_verify_missing_bucket(aws):
     result = verify_state_bucket(client(), BUCKET)
     assert result["exists"] is False and not any(result.values())
+
+
+# -- the runs bucket: hardened like the state bucket, but not versioned ------------------------
+RUNS = "remotefit-tfstate-test-runs"
+
+
+def test_runs_bucket_is_hardened_unversioned_and_repaired(aws):
+    from remotefit.backend import ensure_runs_bucket
+
+    s3 = client()
+    report = ensure_runs_bucket(s3, RUNS, "us-east-1", TAGS)
+    assert report.created and not any(r.startswith("versioning") for r in report.repaired)
+    assert s3.get_bucket_versioning(Bucket=RUNS).get("Status") is None  # checkpoints are rewritten often
+    (rule,) = [r for r in s3.get_bucket_lifecycle_configuration(Bucket=RUNS)["Rules"] if r["ID"] == LIFECYCLE_RULE_ID]
+    assert (
+        rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] == 7 and "NoncurrentVersionExpiration" not in rule
+    )
+    checks = verify_state_bucket(s3, RUNS, versioned=False)
+    assert checks == dict.fromkeys(checks, True) and "versioning" not in checks
+    # drift is repaired and reported, the rest left alone
+    s3.delete_public_access_block(Bucket=RUNS)
+    again = ensure_runs_bucket(s3, RUNS, "us-east-1", TAGS)
+    assert not again.created and [r.split(" ")[0] for r in again.repaired] == ["public-access-block"]
+    assert ensure_runs_bucket(s3, RUNS, "us-east-1", TAGS).repaired == []
+
+
+def test_the_runs_bucket_setting(monkeypatch):
+    from remotefit.config import Settings
+
+    base = {"AWS_ACCOUNT": "a", "AWS_REGION": "us-east-1", "STAGE": "dev", "TF_STATE_BUCKET": "my-state"}
+    assert Settings(**base).runs_bucket == "my-state-runs"
+    assert Settings(**base, RUNS_BUCKET="results-here").runs_bucket == "results-here"
+    long = Settings(**{**base, "TF_STATE_BUCKET": "a" * 61 + "-b"}).runs_bucket
+    assert len(long) <= 63 and long.endswith("-runs")
+    for bad, why in (("Bad_Name", "not a valid S3 bucket name"), ("my-state", "must not be TF_STATE_BUCKET")):
+        with pytest.raises(Exception, match=why):
+            Settings(**base, RUNS_BUCKET=bad)

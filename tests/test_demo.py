@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
-from tests.conftest import make_project, needs_tools
+from remotefit.config import kept_dir, remotefit_home
+from tests.conftest import INV, ROOT, e2e, make_project
 
 
 def _live(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
+    """Running and not a zombie (an orphan may linger as one until init reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-@needs_tools
+@e2e
 def test_demo_runs_the_whole_life_cycle_and_leaves_nothing(tmp_path: Path) -> None:
     p = make_project(tmp_path / "proj")
     res = p.inv("demo", timeout=900)
@@ -41,7 +50,7 @@ def test_demo_runs_the_whole_life_cycle_and_leaves_nothing(tmp_path: Path) -> No
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run_dir / "run.json").read_text())["exit_code"] == 0
     # Nothing left running: no moto server record, no sshd node.
-    sandbox = p.generated / "demo" / "sandbox"
+    sandbox = kept_dir(p.generated / "demo", remotefit_home(p.env)) / "sandbox"
     assert not (sandbox / "moto.json").exists()
     assert not list(sandbox.glob("nodes/*/node.json"))
     for f in sandbox.glob("nodes/*/sshd.pid"):
@@ -50,37 +59,62 @@ def test_demo_runs_the_whole_life_cycle_and_leaves_nothing(tmp_path: Path) -> No
     assert os.environ.get("REMOTEFIT_GENERATED") is None  # the test did not leak its isolation
 
 
-@needs_tools
-def test_demo_interrupted_cleans_up_and_says_what(tmp_path: Path) -> None:
-    import signal
-    import subprocess
-    import time
-
-    from tests.conftest import INV, ROOT
-
+@e2e
+def test_demo_interrupted_mid_fit_cleans_up_and_says_what(tmp_path: Path) -> None:
+    """Ctrl-C while the demo's job is training: exit 130, "demo interrupted", node destroyed, sandbox stopped."""
     p = make_project(tmp_path / "proj")
-    proc = subprocess.Popen(
-        [INV, "demo"],
-        cwd=ROOT,
-        env=p.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    # Interrupt once the node is up and the job is being fitted (as a user's Ctrl-C would).
-    deadline = time.monotonic() + 300
-    inventory = p.generated / "demo" / "nodes.json"
-    while not inventory.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    time.sleep(3)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0
+    out_file, err_file = tmp_path / "demo.out", tmp_path / "demo.err"
+    with out_file.open("wb") as out, err_file.open("wb") as err:
+        proc = subprocess.Popen(
+            [INV, "demo"],
+            cwd=ROOT,
+            env=p.env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+    sandbox = kept_dir(p.generated / "demo", remotefit_home(p.env)) / "sandbox"
+    try:
+        # Mid-stage proof: the fit stage has begun and the job has finished its first of 20 epochs.
+        wait_for(proc, err_file, "== fit jobs/resnet (digits)\n", 600)
+        wait_for(proc, out_file, "epoch   1/20", 300)
+        # Every process the demo started, recorded while it runs: the moto server, the node's sshd and
+        # watchdog, and the training job (its process group, from the runner's active.json).
+        moto = json.loads((sandbox / "moto.json").read_text())["pid"]
+        (node,) = (json.loads(f.read_text()) for f in sandbox.glob("nodes/*/node.json"))
+        job = json.loads((Path(node["workdir"]) / "active.json").read_text())
+        started = {"moto": moto, "sshd": node["pid"], "watchdog": node["watchdog_pid"], "job": job["pid"]}
+        assert all(_live(pid) for pid in started.values()), started
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = err_file.read_text()
+    assert proc.returncode == 130, err
+    assert "\ndemo interrupted\n" in err and "demo failed" not in err, err
+    assert f"cancelled run {job['run_id']}" in err
     assert "cleaning up:" in err
-    assert "verified: nothing tagged stage=demo is left" in err
-    assert "stopped moto server" in err
+    assert "verified: nothing tagged stage=demo is left" in err  # asked of moto before it stopped
+    assert f"stopped moto server (pid {moto}" in err
     assert "Traceback" not in err
-    sandbox = p.generated / "demo" / "sandbox"
+    # It was interrupted in the fit stage: every stage before it finished, the fit did not.
+    timings = json.loads((p.generated / "demo" / "timings.json").read_text())
+    assert timings["ok"] is False
+    assert [s["name"] for s in timings["stages"]] == ["sandbox up", "check", "tfvars", "backend", "apply (1 CPU node)"]
+    assert not list(p.runs.glob("resnet/*/run.json"))  # nothing pulled from a cancelled run
+    # Nothing left: none of the processes that existed, no sandbox record.
+    assert not [name for name, pid in started.items() if _live(pid)], started
     assert not (sandbox / "moto.json").exists()
     assert not list(sandbox.glob("nodes/*/node.json"))
+
+
+def wait_for(proc: subprocess.Popen[bytes], path: Path, needle: str, timeout: float) -> None:
+    """Until `needle` is in the file `proc` writes; fails (without signalling) if proc ends first."""
+    deadline = time.monotonic() + timeout
+    while needle not in path.read_text(errors="replace"):
+        assert proc.poll() is None, f"the demo ended (exit {proc.returncode}) before {needle!r}:\n{path.read_text()}"
+        assert time.monotonic() < deadline, f"no {needle!r} after {timeout} s:\n{path.read_text()}"
+        time.sleep(0.2)

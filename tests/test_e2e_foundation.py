@@ -16,16 +16,16 @@ import hcl2
 import pytest
 from botocore.config import Config
 
-from tests.conftest import needs_tools
+from remotefit.sandbox import descendants
 
-pytestmark = [pytest.mark.e2e, needs_tools]
+pytestmark = pytest.mark.e2e
 
 BUCKET = "remotefit-test-state"
 STATE_KEY = "remotefit/test/terraform.tfstate"
 
 
 def server(p) -> dict:
-    return json.loads((p.generated / "sandbox" / "moto.json").read_text())
+    return json.loads((p.sandbox / "moto.json").read_text())
 
 
 def endpoint(p) -> str:
@@ -159,7 +159,7 @@ def test_state_lock_is_held_in_the_bucket_and_reported(module_project):
             apply.wait()
 
 
-def test_stale_record_is_cleaned_and_a_new_server_starts(module_project):
+def test_a_dead_server_is_reported_read_only_and_replaced_with_its_state(module_project):
     p = module_project
     old = server(p)
     os.kill(old["pid"], signal.SIGKILL)
@@ -168,23 +168,51 @@ def test_stale_record_is_cleaned_and_a_new_server_starts(module_project):
         time.sleep(0.05)
     res = p.inv("sandbox.status")
     assert "moto server: not running" in res.stdout
-    assert f"stale record of a moto server that is gone (pid {old['pid']})" in res.stderr
-    assert not (p.generated / "sandbox" / "moto.json").exists()
+    assert (p.sandbox / "moto.json").exists()  # a read-only task removes nothing
 
-    new_endpoint = p.inv("sandbox.up", timeout=120).stdout.strip()
+    up = p.inv("sandbox.up", timeout=300)
     new = server(p)
     assert new["pid"] != old["pid"] and alive(new["pid"])
-    assert new_endpoint == endpoint(p)
-    assert s3(p).list_buckets()["Buckets"] == []  # a fresh moto server: nothing survived the old one
+    assert up.stdout.strip() == endpoint(p)
+    assert "restored the previous server's state" in up.stderr
+    assert BUCKET in [b["Name"] for b in s3(p).list_buckets()["Buckets"]]  # the state bucket survived
 
 
-def test_sandbox_down_leaves_no_process(module_project):
+def test_sandbox_down_leaves_no_process(module_project, tmp_path):
+    """Everything the sandbox ran is gone after `sandbox.down`: the moto server, and a node's sshd, its
+    watchdog, an open ssh connection and the client's ControlMaster that kept it open (ControlPersist,
+    as the generated ssh_config has)."""
     p = module_project
-    sandbox = p.generated / "sandbox"
-    pids = [server(p)["pid"]]
-    pids += [json.loads(f.read_text())["pid"] for f in sandbox.glob("nodes/*/node.json")]
+    sandbox = p.sandbox
+    key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    # A node as apply would have it reached (an sshd on loopback and its watchdog), minus Terraform:
+    # this module never applies.
+    node = p.workspace().sandbox.start_node("i-0f0undat10n00000", key.with_suffix(".pub").read_text(), endpoint(p))
+    ssh = ["ssh", "-i", str(key), "-p", str(node.port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"]
+    ssh += ["-o", f"UserKnownHostsFile={tmp_path / 'known_hosts'}", "-o", f"ControlPath={tmp_path / 'cm'}"]
+    target = f"{node.user}@127.0.0.1"
+    opened = subprocess.run(
+        [*ssh, "-o", "ControlMaster=yes", "-o", "ControlPersist=10m", target, "echo connected"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert opened.stdout == "connected\n", opened.stderr
+    check = subprocess.run([*ssh, "-O", "check", target], capture_output=True, text=True, timeout=30)
+    master = int(check.stderr.split("pid=")[1].split(")")[0])
+    sessions = [pid for pid in descendants(node.pid) if alive(pid)]
+    started = {"moto server": server(p)["pid"], "sshd": node.pid, "watchdog": node.watchdog_pid, "master": master}
+    started |= {f"ssh session {pid}": pid for pid in sessions}
+    assert sessions and all(alive(pid) for pid in started.values()), started
+
     res = p.inv("sandbox.down", timeout=120)
-    assert f"stopped moto server (pid {pids[0]}" in res.stdout
-    assert not [pid for pid in pids if alive(pid)]
-    assert not (sandbox / "moto.json").exists()
+    assert f"stopped moto server (pid {started['moto server']}" in res.stdout
+    assert f"stopped sshd node i-0f0undat10n00000 (port {node.port})" in res.stdout
+    deadline = time.monotonic() + 10  # the master leaves once it sees its connection closed
+    while [pid for pid in started.values() if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [name for name, pid in started.items() if alive(pid)]
+    assert not (sandbox / "moto.json").exists() and not list(sandbox.glob("nodes/*/node.json"))
     assert p.inv("sandbox.down", timeout=60).stdout.strip() == "the sandbox was not running"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import INV, ROOT, Project, make_project, needs_tools
+from tests.conftest import INV, ROOT, Project, make_project
 
-pytestmark = needs_tools
+pytestmark = pytest.mark.e2e
 
 RUN_JSON_KEYS = {
     "job",
@@ -36,12 +36,12 @@ RUN_JSON_KEYS = {
 }
 
 TRAIN = """\
-import os, sys
+import json, os, sys
 os.makedirs("outputs", exist_ok=True)
 with open("outputs/result.txt", "w") as f:
     f.write("hello from " + os.environ["REMOTEFIT_RUN_ID"])
 print("args", sys.argv[1:])
-print("env", sorted(k for k in os.environ if k.startswith("REMOTEFIT_")))
+print("env", json.dumps({k: v for k, v in os.environ.items() if k.startswith("REMOTEFIT_")}))
 sys.exit(int(os.environ.get("CODE", "0")))
 """
 
@@ -50,6 +50,17 @@ import sys, time
 for i in range({n}):
     print("tick", i, flush=True)
     time.sleep({pause})
+print("done", flush=True)
+sys.exit({code})
+"""
+
+# A job that runs until the test lets it finish: it says it is waiting, then waits for the file
+# `release` in its folder on the node (the test creates it over ssh), so no clock decides the race.
+GATED = """\
+import os, sys, time
+print("waiting for release", flush=True)
+while not os.path.exists("release"):
+    time.sleep(0.1)
 print("done", flush=True)
 sys.exit({code})
 """
@@ -92,7 +103,46 @@ def ssh(p: Project, alias: str, command: str) -> subprocess.CompletedProcess[str
 
 
 def workdir(p: Project, index: int = 0) -> str:
-    return json.loads((p.generated / "nodes.json").read_text())["nodes"][index]["workdir"]
+    return inventory_node(p, index)["workdir"]
+
+
+def inventory_node(p: Project, index: int) -> dict:
+    """Node `index` as the inventory (generated/nodes.json) records it."""
+    return json.loads((p.generated / "nodes.json").read_text())["nodes"][index]
+
+
+def release(p: Project, job: str, index: int = 0) -> None:
+    """Let a GATED job on node `index` finish."""
+    res = ssh(p, f"rf-test-{index}", f"touch {workdir(p, index)}/jobs/{job}/release")
+    assert res.returncode == 0, res.stderr
+
+
+def job_env_of(log: str, expected: dict[str, str]) -> dict[str, str]:
+    """The variables of `expected` as the job printed them (`env {json}` of its REMOTEFIT_* variables;
+    it has more, e.g. the runner's REMOTEFIT_RUN_DIR and the sandbox sshd's REMOTEFIT_NODE)."""
+    (line,) = [ln for ln in log.splitlines() if ln.startswith("env {")]
+    env = json.loads(line[len("env ") :])
+    return {k: env.get(k) for k in expected}
+
+
+def expected_env(p: Project, job: str, run_id: str, rank: int, nodes: int) -> dict[str, str]:
+    """What the README promises each job process, from the inventory: node 0's private address is the
+    master's, every run has its own port, and outputs/ is that run's folder in the node's workdir."""
+    from remotefit.jobs import master_port_for
+
+    ips = [inventory_node(p, i)["private_ip"] for i in range(nodes)]
+    assert all(ips), ips
+    return {
+        "REMOTEFIT_RUN_ID": run_id,
+        "REMOTEFIT_JOB": job,
+        "REMOTEFIT_NODE_RANK": str(rank),
+        "REMOTEFIT_NUM_NODES": str(nodes),
+        "REMOTEFIT_NODE_IPS": ",".join(ips),
+        "REMOTEFIT_MASTER_ADDR": ips[0],
+        "REMOTEFIT_MASTER_PORT": str(master_port_for(run_id)),
+        "REMOTEFIT_GPUS_PER_NODE": "0",  # c7i.xlarge
+        "REMOTEFIT_OUTPUTS": f"{workdir(p, rank)}/outputs/{run_id}",
+    }
 
 
 def one_error_line(res: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -137,18 +187,13 @@ def test_fit_pulls_outputs_log_and_run_json(cluster: Project, tmp_path: Path):
     assert (d / "result.txt").read_text() == f"hello from {d.name}"
     log = (d / "log").read_text()
     assert "args ['--lr', '0.1', '--name', 'a-b']" in log
-    for key in (
-        "REMOTEFIT_RUN_ID",
-        "REMOTEFIT_JOB",
-        "REMOTEFIT_NODE_RANK",
-        "REMOTEFIT_NUM_NODES",
-        "REMOTEFIT_NODE_IPS",
-        "REMOTEFIT_MASTER_ADDR",
-        "REMOTEFIT_MASTER_PORT",
-        "REMOTEFIT_GPUS_PER_NODE",
-        "REMOTEFIT_OUTPUTS",
-    ):
-        assert key in log, key
+    expected = expected_env(cluster, "hello", d.name, rank=0, nodes=1)
+    env = job_env_of(log, expected)
+    assert env == expected
+    assert 29500 <= int(env["REMOTEFIT_MASTER_PORT"]) < 30000
+    # REMOTEFIT_OUTPUTS is where the job's ./outputs really went on the node.
+    on_node = ssh(cluster, "rf-test-0", f"cat {env['REMOTEFIT_OUTPUTS']}/result.txt")
+    assert on_node.stdout == f"hello from {d.name}", on_node.stderr
     info = json.loads((d / "run.json").read_text())
     assert set(info) >= RUN_JSON_KEYS, RUN_JSON_KEYS - set(info)
     assert info["job"] == "hello" and info["command"] == "python train.py"
@@ -290,39 +335,59 @@ def results_dir_from(err_file: Path) -> Path:
 
 
 def test_ctrl_c_detaches_and_the_run_completes(cluster: Project, tmp_path: Path):
-    job = make_job(tmp_path, "ctrlc", {"train.py": TICKS.format(n=8, pause=0.4, code=0)})
+    job = make_job(tmp_path, "ctrlc", {"train.py": GATED.format(code=0)})
     proc = start_bg(cluster, "fit", str(job), "--nodes", "1", out=tmp_path / "c")
-    err = wait_for(tmp_path / "c.err", "started")
-    wait_for(tmp_path / "c.out", "tick 0")
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-    assert proc.wait(timeout=30) == 130
+    try:
+        wait_for(tmp_path / "c.err", "started")
+        wait_for(tmp_path / "c.out", "waiting for release")  # the job runs and cannot end before we say
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     err = (tmp_path / "c.err").read_text()
     run_id = run_id_of(err)
     assert "Traceback" not in err
+    assert f"detached from run {run_id}; it keeps running on the node" in err, err
     assert f"inv logs --run {run_id} --follow" in err and f"inv cancel --run {run_id}" in err, err
+    assert "done" not in (tmp_path / "c.out").read_text()
+    # Detached, not stopped: the run is still the node's active run until we release it.
+    active = ssh(cluster, "rf-test-0", f"cat {workdir(cluster)}/active.json")
+    assert json.loads(active.stdout)["run_id"] == run_id, active.stdout + active.stderr
+    release(cluster, "ctrlc")
     res = cluster.inv("logs", "--run", run_id, "--follow", timeout=90)
     assert "done" in res.stdout and "exit code 0" in res.stderr
     pulled = cluster.inv("pull", "--run", run_id)
-    assert (Path(pulled.stdout.strip()) / "run.json").exists()
+    assert json.loads((Path(pulled.stdout.strip()) / "run.json").read_text())["exit_code"] == 0
 
 
 def test_second_fit_is_refused_while_one_is_active(cluster: Project, tmp_path: Path):
-    job = make_job(tmp_path, "sleepy", {"train.py": "import time\ntime.sleep(20)\n"})
+    code = GATED.format(code=0)
+    job = make_job(tmp_path, "gated", {"train.py": code})
     first = cluster.inv("fit", str(job), "--nodes", "1", "--detach")
     run_id = run_id_of(first.stderr)
     assert f"inv logs --run {run_id} --follow" in first.stderr
-    link = f"{workdir(cluster)}/jobs/sleepy/outputs"
+    # The first run is active until this test releases it, however slow the machine.
+    log = f"{workdir(cluster)}/runs/{run_id}/log"  # the runner's layout on the node
+    deadline = time.monotonic() + 60
+    while "waiting for release" not in ssh(cluster, "rf-test-0", f"cat {log}").stdout:
+        assert time.monotonic() < deadline, "the first run never started"
+        time.sleep(0.2)
+    link = f"{workdir(cluster)}/jobs/gated/outputs"
     before = ssh(cluster, "rf-test-0", f"readlink {link}").stdout
+    assert before.strip().endswith(f"/outputs/{run_id}"), before
     (job / "train.py").write_text("print('changed')\n")
     second = cluster.inv("fit", str(job), "--nodes", "1", check=False)
     line = one_error_line(second, run_id, "still active")
     assert second.returncode == 3, line
     # Nothing of the active run was touched: not its code, not its outputs link.
     assert ssh(cluster, "rf-test-0", f"readlink {link}").stdout == before
-    code = ssh(cluster, "rf-test-0", f"cat {workdir(cluster)}/jobs/sleepy/train.py").stdout
-    assert "sleep(20)" in code
-    res = cluster.inv("cancel", "--run", run_id)
-    assert "cancelled" in res.stdout
+    assert ssh(cluster, "rf-test-0", f"cat {workdir(cluster)}/jobs/gated/train.py").stdout == code
+    # Released, the first run finishes on its own, untouched by the refused one.
+    release(cluster, "gated")
+    res = cluster.inv("logs", "--run", run_id, "--follow", timeout=90)
+    assert "done" in res.stdout and "exit code 0" in res.stderr, res.stderr
 
 
 # -- two nodes, torch.distributed ---------------------------------------------------------------
@@ -331,6 +396,8 @@ import json, os
 import torch
 import torch.distributed as dist
 
+print("env", json.dumps({k: v for k, v in os.environ.items() if k.startswith("REMOTEFIT_")}), flush=True)
+print("torch", os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], flush=True)
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 t = torch.tensor([float(rank + 1)])
@@ -356,8 +423,55 @@ def test_torch_distributed_on_two_nodes(cluster: Project, tmp_path: Path):
     node0, node1 = (d / "logs" / "node-0.log").read_text(), (d / "logs" / "node-1.log").read_text()
     assert "rank 0/2 node 0 all_reduce 3.0" in node0, node0
     assert "rank 1/2 node 1 all_reduce 3.0" in node1, node1
+    # Each node's job got its own rank and the same rendezvous: node 0's private address and the
+    # run's port, which torchrun was given too.
+    for rank, log in enumerate((node0, node1)):
+        expected = expected_env(cluster, "dist", d.name, rank=rank, nodes=2)
+        env = job_env_of(log, expected)
+        assert env == expected, rank
+        assert f"torch {env['REMOTEFIT_MASTER_ADDR']} {env['REMOTEFIT_MASTER_PORT']}" in log, log
     info = json.loads((d / "run.json").read_text())
     assert info["node_count"] == 2 and info["exit_code"] == 0 and info["exit_codes"] == [0, 0]
+
+
+# -- the job's PATH and a failed boot (issue 11) -------------------------------------------------
+def test_sandbox_job_gets_a_stock_path_and_python_from_the_shim(cluster: Project, tmp_path: Path):
+    """As on a stock Ubuntu node: this checkout's venv is not on the job's PATH; `python` (which must
+    have torch) comes from the runner's shim."""
+    job = make_job(tmp_path, "where", {"where.py": "import sys, torch\nprint('EXE', sys.executable)\n"})
+    cmd = 'echo "PATH=$PATH"; echo "WHICH=$(command -v python)"; python where.py'
+    res = cluster.inv("fit", str(job), "--nodes", "1", "--cmd", cmd)
+    log = (results_dir(res) / "log").read_text()
+    path = re.search(r"^PATH=(.*)$", log, re.M).group(1).split(":")
+    assert os.path.dirname(INV) not in path, path  # this checkout's venv (where `inv` and torch live)
+    assert path[0] == f"{workdir(cluster)}/.remotefit/bin", path
+    assert re.search(r"^WHICH=(.*)$", log, re.M).group(1) == f"{workdir(cluster)}/.remotefit/bin/python"
+    assert "EXE " in log  # the shim's python imported torch
+
+
+def test_failed_boot_is_one_line_naming_the_node(cluster: Project):
+    """apply's readiness check over real ssh: node 0's markers are found through its sshd's SetEnv (no
+    /var/lib/remotefit on this machine), node 1's failed boot is one line with its boot log's tail. (The
+    module's teardown then destroys and verifies nothing is left.)"""
+    from remotefit import nodes as nd
+    from remotefit.errors import UserError
+
+    ws = cluster.workspace()
+    live = nd.inventory(ws)
+    boot = cluster.sandbox / "nodes" / live[1].instance_id / "boot"
+    (boot / "boot-failed").write_text("step 'installing python3-venv python3-pip' failed (exit 100) at T\n")
+    (boot / "boot.log").write_text("E: Could not get lock /var/lib/dpkg/lock-frontend\nremotefit-boot: FAILED\n")
+    try:
+        with pytest.raises(UserError) as exc:
+            nd.wait_ready(ws, live, timeout=120)
+    finally:
+        (boot / "boot-failed").unlink()
+    msg = exc.value.message
+    assert "\n" not in msg and exc.value.code != 0
+    assert msg.startswith(f"rf-test-1 ({live[1].instance_id}): the node's boot failed: step 'installing python3-venv")
+    assert "E: Could not get lock /var/lib/dpkg/lock-frontend | remotefit-boot: FAILED" in msg
+    assert "`inv destroy`" in msg
+    assert nd.wait_ready(ws, live, timeout=120) >= 0  # both ready again
 
 
 # -- bad inputs: one line, non-zero, no traceback ----------------------------------------------
@@ -387,3 +501,16 @@ def test_fit_with_no_nodes_says_to_apply(tmp_path: Path):
     job = make_job(tmp_path, "j", {"train.py": TRAIN})
     one_error_line(p.inv("fit", str(job), check=False), "no nodes", "inv apply")
     one_error_line(p.inv("sync", str(job), check=False), "no nodes", "inv apply")
+
+
+def test_the_fit_loop_imports_no_aws_sdk(cluster: Project, tmp_path: Path):
+    """`inv sync` and `inv fit` on ready nodes make no AWS call, so they must not pay for importing
+    boto3/botocore (as `python -X importtime` shows them: PYTHONPROFILEIMPORTTIME is the same switch)."""
+    job = make_job(tmp_path, "noboto", {"train.py": "print('ok')\n"})
+    traced = Project(cluster.dir, {**cluster.env, "PYTHONPROFILEIMPORTTIME": "1"})
+    for args in (("sync", str(job)), ("fit", str(job))):
+        res = traced.inv(*args)
+        imported = [ln.rsplit("|", 1)[1].strip() for ln in res.stderr.splitlines() if ln.startswith("import time:")]
+        assert "remotefit.jobs" in imported, res.stderr[-2000:]
+        aws = [m for m in imported if m.split(".")[0] in ("boto3", "botocore", "s3transfer")]
+        assert not aws, f"inv {args[0]} imported {aws[:5]}"

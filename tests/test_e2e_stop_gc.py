@@ -6,9 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import needs_tools
-
-pytestmark = [needs_tools, pytest.mark.e2e]
+pytestmark = pytest.mark.e2e
 
 
 def _state(ws, iid: str) -> str:

@@ -185,7 +185,7 @@ def test_sync_argv_and_summary(tmp_path: Path):
     t = jobs.Transport(node(0), Path("/cfg"))
     argv = jobs.sync_argv(t, job)
     assert "--safe-links" in argv and "--delete" in argv and "--stats" in argv
-    assert argv.index("--no-human-readable") > argv.index("--human-readable")
+    assert "--no-human-readable" in argv and "--human-readable" not in argv  # exact --stats numbers
     rp = next(a for a in argv if a.startswith("--rsync-path="))
     assert " idle --base " in rp and "[ $? -ne 3 ]" in rp and "mkdir -p /home/ubuntu/remotefit/jobs/j" in rp
     assert argv[-1] == "rf-t-0:/home/ubuntu/remotefit/jobs/j/"
@@ -202,9 +202,9 @@ def test_start_command_ships_runner_and_env(tmp_path: Path):
     t = jobs.Transport(node(0), Path("/cfg"))
     line = jobs.start_command(t, job, "j-1", "python train.py", False, env={"A": "it's"}, then_follow=True)
     assert "cat > /home/ubuntu/remotefit/.remotefit/runner.py.$$" in line
-    assert "ln -sfn /home/ubuntu/remotefit/outputs/j-1 outputs" in line
+    assert "--outputs outputs --outputs-dir /home/ubuntu/remotefit/outputs/j-1" in line  # the runner links it
     assert "python3 -S /home/ubuntu/remotefit/.remotefit/runner.py start" in line
-    assert line.endswith("follow --base /home/ubuntu/remotefit --run-id j-1 -q --status-json")
+    assert line.endswith("--json --outputs outputs --outputs-dir /home/ubuntu/remotefit/outputs/j-1 --follow")
     assert "--check-cuda" not in line and "--check-cuda" in jobs.start_command(t, job, "j-1", "x", True)
 
 
@@ -217,11 +217,16 @@ def test_start_command_runs_in_a_shell(tmp_path: Path):
     t = jobs.Transport(n, None)
     fake = "import json, sys\nargs = sys.argv[1:]\nprint(json.dumps(args))\n"
     line = jobs.start_command(t, job, "j-1", "python train.py", False, env={"Q": "a 'b' c"})
-    res = subprocess.run(t.argv(line), input=fake, capture_output=True, text=True, check=True)
+    stdin = jobs.start_input({"Q": "a 'b' c"}, fake)  # env line, then runner.py
+    res = subprocess.run(t.argv(line), input=stdin, capture_output=True, text=True, check=True)
     args = json.loads(res.stdout)
     assert args[0] == "start" and args[args.index("--cmd") + 1] == "python train.py"
     assert json.loads((base / ".remotefit" / "env-j-1.json").read_text()) == {"Q": "a 'b' c"}
-    assert (base / "jobs" / "j" / "outputs").resolve() == base / "outputs" / "j-1"
+    # contract.py (read by byte count before runner.py) lands whole beside the runner
+    assert (base / ".remotefit" / "contract.py").read_text() == (jobs.CONTRACT).read_text()
+    assert (base / ".remotefit" / "runner.py").read_text() == fake
+    assert args[args.index("--outputs") + 1] == "outputs"
+    assert args[args.index("--outputs-dir") + 1] == f"{base}/outputs/j-1"
 
 
 def test_run_json_cost_and_duration():
@@ -243,3 +248,26 @@ def test_run_id_is_safe_for_any_folder_name(tmp_path):
         (d / "train.py").write_text("")
         rid = jobs.new_run_id(jobs.load_job(d))
         assert _re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", rid), rid
+
+
+def test_pass_env_and_env_flags_resolve_from_this_environment(tmp_path):
+    job = tmp_path / "j"
+    job.mkdir()
+    (job / "train.py").write_text("")
+    (job / "job.toml").write_text('pass_env = ["A", "B?"]\n')
+    spec = jobs.load_job(job)
+    assert spec.pass_env == ["A", "B?"]
+    values, warnings = jobs.passed_env(spec, ["C=3", "D"], {"A": "1", "D": "4"})
+    assert values == {"A": "1", "C": "3", "D": "4"}
+    assert len(warnings) == 1 and "B (job.toml pass_env, optional)" in warnings[0]
+    with pytest.raises(UserError, match=r"A \(job.toml pass_env\) is not set"):
+        jobs.passed_env(spec, [], {})
+    with pytest.raises(UserError, match="--env E: E is not set"):
+        jobs.passed_env(spec, ["E"], {"A": "1"})
+    with pytest.raises(UserError, match="is not a variable name"):
+        jobs.passed_env(spec, ["1BAD=x"], {"A": "1"})
+    with pytest.raises(UserError, match="set by remotefit itself"):
+        jobs.passed_env(spec, ["REMOTEFIT_RUN_ID=x"], {"A": "1"})
+    (job / "job.toml").write_text('pass_env = "A"\n')
+    with pytest.raises(UserError, match="pass_env must be a list of variable names"):
+        jobs.load_job(job)

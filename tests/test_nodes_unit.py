@@ -122,6 +122,7 @@ def fake_cloud_ws(tmp_path: Path) -> SimpleNamespace:
         settings=SimpleNamespace(AWS_REGION="us-east-1", AWS_ACCOUNT="testacct"),
         client=lambda name, region=None: clients[name],
         caller_identity=lambda: {"Account": "123456789012", "Arn": "arn:aws:iam::123456789012:user/t", "UserId": "x"},
+        default_subnets=lambda: {"us-east-1a": True, "us-east-1b": True},
     )
 
 
@@ -268,20 +269,6 @@ def test_an_explicit_instance_type_is_never_swapped(patched) -> None:
     with pytest.raises(UserError):
         nodes.apply(patched.ws, spec)
     assert {t for t, _, _ in tf.applied} == {"g5.xlarge"}
-
-
-def test_a_replacing_apply_is_announced(ws: Workspace) -> None:
-    gen = ws.paths.generated
-    gen.mkdir(parents=True)
-    saved = {"instance_type": "c7i.xlarge", "market": "on-demand", "max_hours": 8.0, "idle_minutes": 30}
-    (gen / "node_vars.json").write_text(json.dumps(saved))
-    spec = nodes.resolve_spec(ws, cpu=True)
-    assert nodes.replacement_warning(ws, spec) is None  # no nodes running
-    node = {k: "x" for k in nodes.Node.__dataclass_fields__} | {"index": 0, "port": 22}
-    (gen / "nodes.json").write_text(json.dumps({"stage": ws.stage, "nodes": [node]}))
-    assert nodes.replacement_warning(ws, spec) is None  # same values: an in-place apply
-    msg = nodes.replacement_warning(ws, nodes.resolve_spec(ws, cpu=True, max_hours=4))
-    assert msg and "max_hours 8.0 -> 4.0" in msg and "killed" in msg
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,6 @@ from remotefit.render import (
 from remotefit.terraform import MIN_VERSION, Terraform, init_argv, parse_version, plan_argv, summarize_error
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ROOT / "scripts"
 
 GOOD_TF = 'variable "name" {\n  type    = string\n  default = "{{ terraform_required_version }}"\n}\n'
 
@@ -71,7 +70,7 @@ def test_shipped_templates_render_and_parse():
 
 def test_render_terraform_writes_everything(tmp_path):
     out = tmp_path / "generated" / "terraform"
-    written = render_terraform(ROOT / "templates", out, SCRIPTS)
+    written = render_terraform(ROOT / "templates", out)
     names = {p.name for p in written}
     assert {"main.tf", "versions.tf", *NODE_FILES} <= names
     assert all(p.is_file() for p in written)
@@ -107,7 +106,7 @@ def test_invalid_hcl_names_rendered_file_template_and_line(tmp_path):
     bad = GOOD_TF + 'resource "null_resource" "x" {\n  a = = 1\n}\n'
     tpl = make_templates(tmp_path, main__tf__j2=bad)
     with pytest.raises(UserError) as info:
-        render_terraform(tpl, tmp_path / "out", SCRIPTS)
+        render_terraform(tpl, tmp_path / "out")
     msg = info.value.message
     assert msg.startswith("generated/terraform/main.tf (from templates/main.tf.j2):6: rendered HCL does not parse")
     assert "fix the template" in msg and "\n" not in msg
@@ -123,7 +122,7 @@ def test_check_hcl_unterminated_block():
 def test_failing_template_leaves_previous_output_untouched(tmp_path):
     tpl = make_templates(tmp_path, main__tf__j2=GOOD_TF, other__tf__j2="locals {\n  a = 1\n}\n")
     out = tmp_path / "generated" / "terraform"
-    render_terraform(tpl, out, SCRIPTS)
+    render_terraform(tpl, out)
     before = snapshot(out)
     assert "main.tf" in before and "other.tf" in before
 
@@ -131,21 +130,21 @@ def test_failing_template_leaves_previous_output_untouched(tmp_path):
     (tpl / "main.tf.j2").write_text(GOOD_TF + "# changed\n")
     (tpl / "other.tf.j2").write_text("locals {\n  a = {{ missing }}\n}\n")
     with pytest.raises(UserError):
-        render_terraform(tpl, out, SCRIPTS)
+        render_terraform(tpl, out)
     assert snapshot(out) == before
 
     (tpl / "other.tf.j2").write_text("locals {\n  a = = 1\n}\n")  # renders, but is not HCL
     with pytest.raises(UserError):
-        render_terraform(tpl, out, SCRIPTS)
+        render_terraform(tpl, out)
     assert snapshot(out) == before
 
 
 def test_removed_template_does_not_linger(tmp_path):
     tpl = make_templates(tmp_path, main__tf__j2=GOOD_TF, old__tf__j2="locals {}\n")
     out = tmp_path / "out"
-    render_terraform(tpl, out, SCRIPTS)
+    render_terraform(tpl, out)
     (tpl / "old.tf.j2").unlink()
-    render_terraform(tpl, out, SCRIPTS)
+    render_terraform(tpl, out)
     assert not (out / "old.tf").exists() and (out / "main.tf").exists()
 
 
@@ -219,7 +218,7 @@ def test_atomic_write_under_a_file(tmp_path):
 def test_render_terraform_under_a_file(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError):
-        render_terraform(ROOT / "templates", tmp_path / "file" / "terraform", SCRIPTS)
+        render_terraform(ROOT / "templates", tmp_path / "file" / "terraform")
 
 
 # -- the Terraform wrapper ---------------------------------------------------------------------------

@@ -222,6 +222,18 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, args, extra_env, needles)
     assert not (tmp_path / "cache" / "cifar-10-python.tar.gz").exists()
 
 
+def test_default_data_falls_back_to_the_bundled_digits_loudly(tmp_path):
+    """No --data, no [data], CIFAR-10 unreachable: the bundled digits, said and recorded (an explicit
+    --data cifar10 fails instead: test_bad_inputs_fail_with_one_clear_line)."""
+    out = tmp_path / "out"
+    args = [a for a in TINY if a not in ("--data", "digits")]
+    p = train(*args, "--epochs", "1", "--outputs", str(out), REMOTEFIT_CACHE=str(tmp_path / "cache"),
+              REMOTEFIT_CIFAR10_URL="http://127.0.0.1:9/cifar-10-python.tar.gz")  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "could not download CIFAR-10" in p.stdout and "falling back to the bundled digits" in p.stdout
+    assert summary(out)["data"] == "digits"
+
+
 def test_corrupt_checkpoint_is_reported_and_left_untouched(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -234,3 +246,37 @@ def test_corrupt_checkpoint_is_reported_and_left_untouched(tmp_path):
         assert (out / "checkpoint.pt").read_bytes() == bad
     missing = train(*TINY, "--outputs", str(tmp_path / "none"), "--resume")
     assert_clean_error(missing, "no checkpoint")
+
+
+def test_cifar10_comes_from_job_data_when_remotefit_fetched_it(tmp_path):
+    """job.toml [data] links CIFAR-10 into the job folder: train.py reads it there (md5-checked) before any
+    download. A corrupt file there is named in one line, and nothing is downloaded."""
+    job = tmp_path / "job"
+    (job / "data" / "cifar10").mkdir(parents=True)
+    (job / "train.py").write_text(TRAIN.read_text())
+    (job / "data" / "cifar10" / "cifar-10-python.tar.gz").write_bytes(b"not the real tarball")
+    p = subprocess.run(
+        [sys.executable, str(job / "train.py"), "--data", "cifar10", "--outputs", str(tmp_path / "out")],
+        cwd=job,
+        env=env(REMOTEFIT_CACHE=str(tmp_path / "cache"), REMOTEFIT_CIFAR10_URL="http://127.0.0.1:9/x.tar.gz"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2
+    assert_clean_error(p, str(job / "data" / "cifar10" / "cifar-10-python.tar.gz"), "fails its md5 check")
+    assert "data: CIFAR-10 from job.toml [data]" in p.stdout
+    assert not (tmp_path / "cache").exists()
+
+
+def test_tensorboard_scalars_only_when_tensorboard_is_importable(tmp_path):
+    import importlib.util
+
+    out = tmp_path / "out"
+    p = train(*TINY, "--epochs", "1", "--outputs", str(out))
+    assert p.returncode == 0, p.stderr
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1
+    if importlib.util.find_spec("tensorboard") is None:
+        assert not (out / "tb").exists()
+    else:
+        assert any(f.name.startswith("events.out.tfevents") for f in (out / "tb").iterdir())

@@ -1,4 +1,4 @@
-"""Tests for scripts/node/runner.py: detached runs, follow/status/cancel, cached venvs."""
+"""Tests for remotefit/node/runner.py: detached runs, follow/status/cancel, cached venvs."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNER = ROOT / "scripts" / "node" / "runner.py"
+RUNNER = ROOT / "remotefit" / "node" / "runner.py"
 
 
 def _load():
@@ -144,7 +144,13 @@ def test_second_start_refused_then_cancel(base):
 
 def test_cancel_escalates_to_sigkill(base):
     # `trap '' TERM` is inherited by sleep, so only SIGKILL ends the group.
-    assert start(base, "r1", "trap '' TERM; sleep 30").returncode == 0
+    # Cancel only once the trap is set: a TERM before it ends the shell with 143 (a test race, seen in CI).
+    assert start(base, "r1", "trap '' TERM; echo trapped; sleep 30").returncode == 0
+    log = base / "runs" / "r1" / "log"
+    deadline = time.time() + 20
+    while not (log.exists() and b"trapped" in log.read_bytes()):
+        assert time.time() < deadline, "the job never set its trap"
+        time.sleep(0.02)
     c = rf(base, "cancel", "--run-id", "r1", "--grace", "0.5")
     assert c.returncode == 0, c.stderr
     assert wait_exit_code(base, "r1") == 137
@@ -275,7 +281,7 @@ def test_failed_install_fails_run_and_is_not_marked(base, tmp_path):
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine may have CUDA")
 def test_check_cuda_fails_loudly_without_cuda(base):
     env = dict(os.environ)
-    # The job's `python` is the one with torch (this interpreter).
+    # Ignored now: the job gets a stock PATH; its `python` shim runs this interpreter (which has torch).
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     r = start(base, "r1", "echo should-not-run", "--check-cuda", env=env)
     assert r.returncode == 4
@@ -324,3 +330,14 @@ def test_status_reports_lost_run(base):
     assert st["state"] == "lost" and st["exit_code"] is None
     c = rf(base, "cancel", "--run-id", "gone")
     assert c.returncode == 0 and b"nothing to cancel" in c.stderr
+
+
+def test_start_with_follow_streams_in_the_same_process(base):
+    """`start --follow` (what `inv fit` runs): stdout is the log, stderr the start message first and
+    the run's final status last, and the exit code is the job's."""
+    r = start(base, "r1", "echo hi; exit 3", "--json", "--follow")
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == b"hi\n"
+    lines = [json.loads(ln) for ln in r.stderr.decode().splitlines() if ln.startswith("{")]
+    assert [m["type"] for m in lines] == ["started", "status"], r.stderr
+    assert lines[0]["run_id"] == "r1" and lines[1]["state"] == "finished" and lines[1]["exit_code"] == 3

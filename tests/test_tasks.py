@@ -14,7 +14,7 @@ from pathlib import Path
 import hcl2
 import pytest
 
-from tests.conftest import ROOT, make_project, needs_tools
+from tests.conftest import ROOT, e2e, make_project
 
 TASKS = [
     "check",
@@ -41,6 +41,9 @@ TASKS = [
     "sandbox.up",
     "sandbox.down",
     "sandbox.status",
+    "tunnel.open",
+    "tunnel.list",
+    "tunnel.close",
 ]
 
 
@@ -73,7 +76,7 @@ def proj(tmp_path):
     (p.generated / "terraform" / "main.tf").write_text("# previous render\n")
     (p.generated / "backend.hcl").write_text("# previous backend config\n")
     yield p
-    if (p.generated / "sandbox" / "moto.json").exists():
+    if (p.sandbox / "moto.json").exists():
         p.down()
 
 
@@ -287,11 +290,11 @@ def test_inv_env_is_eval_able(sandbox_project):
     assert res.returncode == 0, res.stderr
     region, endpoint, profile, stage = res.stdout.split("|")
     assert (region, profile, stage) == ("us-east-1", "team profile", "test")
-    server = json.loads((p.generated / "sandbox" / "moto.json").read_text())
+    server = json.loads((p.sandbox / "moto.json").read_text())
     assert endpoint == f"http://127.0.0.1:{server['port']}"
 
 
-@needs_tools
+@e2e
 def test_inv_tfvars_parses_with_the_seed_variables(sandbox_project):
     p = sandbox_project
     res = p.inv("tfvars")

@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         choices=("cifar10", "digits", "synthetic"),
-        default="cifar10",
-        help="cifar10: downloaded once into $REMOTEFIT_CACHE (default ~/.cache/remotefit/data); "
+        default=None,
+        help="cifar10 (the default): from job.toml [data], else downloaded once into $REMOTEFIT_CACHE (default "
+        "~/.cache/remotefit/data), else — when --data was not given — the bundled digits, said loudly; "
         "digits: scikit-learn's offline 8x8 digits, upscaled; synthetic: random, for speed",
     )
     p.add_argument("--epochs", type=_positive_int, default=10)
@@ -138,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto and bf16: bf16 autocast on CUDA (the CPU always computes in fp32); fp32: fp32 everywhere, "
+        "no TF32 either",
+    )
+    p.add_argument(
+        "--memory-format",
+        choices=("channels_last", "contiguous"),
+        default="channels_last",
+        help="channels_last is faster for convolutions on GPUs and on CPUs (oneDNN)",
+    )
     p.add_argument(
         "--deterministic", action="store_true", help="deterministic kernels: a resumed run matches an uninterrupted one"
     )
@@ -355,11 +369,28 @@ def load_cifar10_data(path: Path, image_size: int) -> Data:
     return Data("cifar10", _resize_u8(x_train, image_size), y_train, _resize_u8(x_test, image_size), y_test)
 
 
+def cifar10_from_job_data() -> Path | None:
+    """CIFAR-10 that remotefit's job.toml [data] put in the job folder: a prefix linked at data/cifar10/
+    or the one file at data/cifar-10-python.tar.gz (see job.toml). None when neither is there."""
+    here = Path(__file__).parent
+    for path in (here / "data" / "cifar10" / CIFAR10_FILE, here / "data" / CIFAR10_FILE):
+        if path.is_file():
+            return path
+    return None
+
+
 def load_data(args: argparse.Namespace, dctx: DistContext) -> Data:
     if args.data == "digits":
         return load_digits_data(args.image_size)
     if args.data == "synthetic":
         return load_synthetic_data(args.image_size, args.synthetic_samples)
+    # cifar10: from job.toml [data] when it is configured (fetched by remotefit before the run, on every
+    # node), else downloaded into the cache; a failed download names the bundled, offline --data digits.
+    local = cifar10_from_job_data()
+    if local is not None:
+        if dctx.is_main:
+            print(f"data: CIFAR-10 from job.toml [data]: {local}", flush=True)
+        return load_cifar10_data(local, args.image_size)
     # cifar10: one process per node downloads, the others wait; everyone learns if it failed.
     error, path = None, cache_dir() / CIFAR10_FILE
     if dctx.local_rank == 0:
@@ -369,7 +400,15 @@ def load_data(args: argparse.Namespace, dctx: DistContext) -> Data:
             error = str(e)
     errors = dctx.all_gather_object(error)
     if any(errors):
-        raise UsageError(next(e for e in errors if e))
+        first = next(e for e in errors if e)
+        if getattr(args, "data_explicit", True):
+            raise UsageError(first)
+        # The default data set cannot be had (offline node, no [data]): the bundled one, said loudly and
+        # recorded (summary.json's "data", the checkpoint's arguments), never silently.
+        if dctx.is_main:
+            print(f"data: WARNING: {first.split(';')[0]}; falling back to the bundled digits data", flush=True)
+        args.data = "digits"
+        return load_digits_data(args.image_size)
     return load_cifar10_data(path, args.image_size)
 
 
@@ -524,6 +563,40 @@ class DistContext:
 
 
 # --------------------------------------------------------------------------------------------- training
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """SGD with nesterov momentum; weight decay on weights, none on BatchNorm parameters and biases."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        momentum=0.9,
+        nesterov=True,
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, total: int):  # noqa: ANN201
+    """One-cycle (default) or warm-up + cosine over `total` steps, stepped once per training step."""
+    if args.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=args.lr,
+            total_steps=total,
+            pct_start=0.25,
+            div_factor=20,
+            final_div_factor=200,
+            cycle_momentum=False,
+        )
+    warmup = max(1, total // 20)
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
 class Trainer:
     """The model, optimizer, schedule and the one training step everything else drives."""
 
@@ -534,36 +607,11 @@ class Trainer:
         self.cuda = device.type == "cuda"
         torch.manual_seed(args.seed)
         model = ResNet18(data.num_classes, args.width).to(device)
-        self.memory_format = torch.channels_last  # faster for convolutions on GPUs and on CPUs (oneDNN)
+        self.memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
+        self.bf16 = self.cuda and args.precision in ("auto", "bf16")
         self.model = model.to(memory_format=self.memory_format)
-        decay = [p for p in model.parameters() if p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]  # BN and biases
-        self.optimizer = torch.optim.SGD(
-            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=args.lr,
-            momentum=0.9,
-            nesterov=True,
-        )
-        total = args.epochs * steps_per_epoch
-        if args.schedule == "onecycle":
-            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                self.optimizer,
-                max_lr=args.lr,
-                total_steps=total,
-                pct_start=0.25,
-                div_factor=20,
-                final_div_factor=200,
-                cycle_momentum=False,
-            )
-        else:
-            warmup = max(1, total // 20)
-
-            def cosine(step: int) -> float:
-                if step < warmup:
-                    return (step + 1) / warmup
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine)
+        self.optimizer = make_optimizer(model, args)
+        self.scheduler = make_scheduler(self.optimizer, args, args.epochs * steps_per_epoch)
         net: nn.Module = model
         if dctx.initialized:
             net = nn.parallel.DistributedDataParallel(
@@ -578,7 +626,7 @@ class Trainer:
         self.pad = max(1, args.image_size // 8)
 
     def autocast(self):
-        if self.cuda:
+        if self.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -765,6 +813,28 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
+class Scalars:
+    """TensorBoard scalars in outputs/tb, beside metrics.jsonl, when tensorboard is importable (add it to
+    requirements.txt and `inv fit --tensorboard` serves them); otherwise nothing, metrics.jsonl has it all."""
+
+    KEYS = ("train_loss", "test_loss", "test_acc", "lr", "samples_per_s")
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch without the tensorboard package
+            self.writer = None
+            return
+        self.writer = SummaryWriter(str(folder))
+
+    def add(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        for key in self.KEYS:
+            self.writer.add_scalar(key, row[key], row["epoch"])
+        self.writer.flush()
+
+
 def write_outputs(outputs: Path, prog: Progress, summary: dict, title: str, curves: bool) -> None:
     history = prog.history or []
     atomic_write_text(outputs / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
@@ -805,69 +875,95 @@ def configure_backends(args: argparse.Namespace, device: torch.device, dctx: Dis
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        tf32 = args.precision != "fp32"  # fp32 means full fp32 math: PyTorch's own defaults for matmuls
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between the processes of this node
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // max(1, dctx.local_world)))
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    layout = args.memory_format
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} bf16 autocast, channels_last"
+        math_mode = "fp32" if args.precision == "fp32" else "bf16 autocast"
+        return f"{torch.cuda.get_device_name(device)} {math_mode}, {layout}"
     threads = torch.get_num_threads()
-    return f"cpu fp32 channels_last, {threads} thread{'s' if threads > 1 else ''}"
+    return f"cpu fp32 {layout}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def run(args: argparse.Namespace, stop: StopFlag, dctx: DistContext) -> int:
-    started = time.perf_counter()
-    log = print if dctx.is_main else (lambda *a, **k: None)
-    device = pick_device(args.device, dctx)
-    dctx.init(device)
-    describe = configure_backends(args, device, dctx)
-    outputs: Path = args.outputs
-    ckpt_path = outputs / CHECKPOINT
+    """Train: data and model, then resume from a checkpoint if there is one, then the epochs, then the report."""
+    job = TrainingRun(args, stop, dctx)  # data, model, optimizer
+    job.resume()  # from the checkpoint, when there is one
+    return job.train()  # the loop; checkpoints and outputs on the way; the exit code
 
-    data = load_data(args, dctx)
-    if len(data.x_train) < args.batch_size * dctx.world:
-        procs = f" x {dctx.world} processes" if dctx.world > 1 else ""
-        raise UsageError(
-            f"--batch-size {args.batch_size}{procs} is larger than the "
-            f"{len(data.x_train)}-sample training set of --data {data.name}; "
-            "use a smaller --batch-size"
+
+class TrainingRun:
+    """One run of the job, in the order it happens. Methods marked collective are called by every rank at the
+    same step under torchrun (they all-reduce or gather)."""
+
+    # ---- data and model
+    def __init__(self, args: argparse.Namespace, stop: StopFlag, dctx: DistContext) -> None:
+        self.started = time.perf_counter()
+        self.args, self.stop, self.dctx = args, stop, dctx
+        self.log = print if dctx.is_main else (lambda *a, **k: None)
+        self.device = device = pick_device(args.device, dctx)
+        dctx.init(device)
+        self.describe = configure_backends(args, device, dctx)
+        self.outputs: Path = args.outputs
+        self.ckpt_path = self.outputs / CHECKPOINT
+        self.data = data = load_data(args, dctx)
+        if len(data.x_train) < args.batch_size * dctx.world:
+            procs = f" x {dctx.world} processes" if dctx.world > 1 else ""
+            raise UsageError(
+                f"--batch-size {args.batch_size}{procs} is larger than the "
+                f"{len(data.x_train)}-sample training set of --data {data.name}; "
+                "use a smaller --batch-size"
+            )
+        self.steps_per_epoch = len(data.x_train) // (args.batch_size * dctx.world)
+        self.trainer = Trainer(args, data, device, dctx, self.steps_per_epoch)
+        self.feeder = BatchFeeder(data.x_train, data.y_train, device, args.workers)
+        self.x_test, self.y_test = data.x_test, data.y_test
+        if self.feeder.on_device:
+            self.x_test, self.y_test = data.x_test.to(device), data.y_test.to(device)
+        self.title = f"ResNet-18 (width {args.width}) on {data.name}, {args.image_size}px, batch {args.batch_size}" + (
+            f" x {dctx.world} processes" if dctx.world > 1 else ""
         )
-    steps_per_epoch = len(data.x_train) // (args.batch_size * dctx.world)
-    trainer = Trainer(args, data, device, dctx, steps_per_epoch)
-    feeder = BatchFeeder(data.x_train, data.y_train, device, args.workers)
-    x_test, y_test = data.x_test, data.y_test
-    if feeder.on_device:
-        x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+        # Under torchrun every rank must stop at the same step, so the signal flag is all-reduced: on CPU at
+        # every step (cheap), with NCCL every 10th step (each check syncs the GPU with the host).
+        self.signal_every = 10 if dctx.initialized and device.type == "cuda" else 1
+        self.prog = Progress(history=[])
+        self.scalars: Scalars | None = None  # rank 0's TensorBoard writer, made at the first epoch's end
+        self.resume_from: Path | None = None
+        self.log(
+            f"resnet18 width {args.width} | {data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
+            f"{args.image_size}px | {self.describe} | {dctx.world} process{'es' if dctx.world > 1 else ''} | "
+            f"{self.steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.batch_size}",
+            flush=True,
+        )
 
-    log(
-        f"resnet18 width {args.width} | {data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
-        f"{args.image_size}px | {describe} | {dctx.world} process{'es' if dctx.world > 1 else ''} | "
-        f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.batch_size}",
-        flush=True,
-    )
     # ---- resume: rank 0 reads the checkpoint, everyone gets it (nodes need not share a disk)
-    prog = Progress(history=[])
-    resume_from = None
-    if args.resume is not None and not args.no_resume:
-        resume_from = Path(args.resume) if args.resume else ckpt_path
-    elif not args.no_resume and ckpt_path.exists():
-        resume_from = ckpt_path
-    if resume_from is not None:
+    def resume(self) -> None:
+        """Collective. Load model, optimizer, schedule, RNG and progress from the checkpoint, if any."""
+        args, dctx = self.args, self.dctx
+        if args.resume is not None and not args.no_resume:
+            self.resume_from = Path(args.resume) if args.resume else self.ckpt_path
+        elif not args.no_resume and self.ckpt_path.exists():
+            self.resume_from = self.ckpt_path
+        if self.resume_from is None:
+            return
         payload: dict | str | None = None
         if dctx.is_main:
             try:
-                payload = load_checkpoint(resume_from)
+                payload = load_checkpoint(self.resume_from)
                 want, have = resume_args(args, dctx.world), payload.get("args", {})
                 diff = [k for k in RESUME_KEYS if have.get(k) != want[k]]
                 if diff:
                     k = diff[0]
                     flag = "--" + k.replace("_", "-") if k != "world_size" else "the number of processes"
                     payload = (
-                        f"checkpoint {resume_from} was written with {flag} {have.get(k)}, this run "
+                        f"checkpoint {self.resume_from} was written with {flag} {have.get(k)}, this run "
                         f"has {want[k]}; use the same arguments, another --outputs, or --no-resume"
                     )
             except UsageError as e:
@@ -875,175 +971,95 @@ def run(args: argparse.Namespace, stop: StopFlag, dctx: DistContext) -> int:
         payload = dctx.broadcast_object(payload)
         if isinstance(payload, str):
             raise UsageError(payload)
-        trainer.model.load_state_dict(payload["model"])
-        trainer.optimizer.load_state_dict(payload["optimizer"])
-        trainer.scheduler.load_state_dict(payload["scheduler"])
+        self.trainer.model.load_state_dict(payload["model"])
+        self.trainer.optimizer.load_state_dict(payload["optimizer"])
+        self.trainer.scheduler.load_state_dict(payload["scheduler"])
         set_rng_state(payload["rng"])
-        prog = Progress(**payload["progress"])
+        self.prog = Progress(**payload["progress"])
         if not dctx.is_main:  # rank 0 carries the epoch's loss sum so far; see checkpoint()
-            prog.loss_sum, prog.loss_count = 0.0, 0
-        log(f"resuming from {resume_from}: epoch {prog.epoch + 1}, step {prog.step}", flush=True)
+            self.prog.loss_sum, self.prog.loss_count = 0.0, 0
+        self.log(f"resuming from {self.resume_from}: epoch {self.prog.epoch + 1}, step {self.prog.step}", flush=True)
 
-    def summary(status: str) -> dict:
-        hist = prog.history or []
-        hashes = dctx.all_gather_object(weights_sha256(trainer.model))
-        return {
-            "status": status,
-            "best_test_acc": max((m["test_acc"] for m in hist), default=None),
-            "final_test_acc": hist[-1]["test_acc"] if hist else None,
-            "final_test_loss": hist[-1]["test_loss"] if hist else None,
-            "epochs": prog.epoch,
-            "epochs_planned": args.epochs,
-            "steps": prog.step,
-            "steps_per_epoch": steps_per_epoch,
-            "wall_seconds": round(time.perf_counter() - started, 3),
-            "train_seconds": round(prog.train_seconds_total, 3),
-            "samples_per_s": round(prog.samples_total / max(prog.train_seconds_total, 1e-9), 1),
-            "device": describe,
-            "data": data.name,
-            "train_samples": len(data.x_train),
-            "test_samples": len(data.x_test),
-            "world_size": dctx.world,
-            "weights_sha256": hashes[0],
-            "weights_sha256_per_rank": hashes,
-            "torch": torch.__version__,
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        }
-
-    title = f"ResNet-18 (width {args.width}) on {data.name}, {args.image_size}px, batch {args.batch_size}" + (
-        f" x {dctx.world} processes" if dctx.world > 1 else ""
-    )
-
-    def reduced_loss() -> torch.Tensor:
-        """Collective: BN buffers synced, then [loss sum, loss count] summed over ranks."""
-        trainer.sync_buffers()
-        return dctx.all_reduce(
-            torch.tensor(
-                [prog.loss_sum, prog.loss_count],
-                dtype=torch.float64,
-                device=device if dctx.initialized and device.type == "cuda" else "cpu",
+    # ---- the loop
+    def train(self) -> int:
+        """Collective. Run the remaining epochs; stop early, with a checkpoint, on a signal or --max-steps."""
+        args, prog = self.args, self.prog
+        if prog.epoch >= args.epochs:
+            self.log(
+                f"training already finished (checkpoint {self.resume_from} is at epoch {prog.epoch}/{args.epochs}); "
+                "use --no-resume or another --outputs to train again",
+                flush=True,
             )
-        )
-
-    def checkpoint() -> None:
-        """Collective (all ranks call it at the same step); rank 0 writes."""
-        sums = reduced_loss()
-        if dctx.is_main:
-            prog.loss_sum, prog.loss_count = float(sums[0]), int(sums[1])
-            state = {
-                "format": CKPT_FORMAT,
-                "model": trainer.model.state_dict(),
-                "optimizer": trainer.optimizer.state_dict(),
-                "scheduler": trainer.scheduler.state_dict(),
-                "progress": vars(prog).copy(),
-                "args": resume_args(args, dctx.world),
-                "rng": rng_state(),
-                "data_order": {
-                    "seed": args.seed,
-                    "epoch": prog.epoch,
-                    "batch": prog.batch,
-                    "world_size": dctx.world,
-                    "batch_size": args.batch_size,
-                    "scheme": "randperm(seed*1000003+epoch)[rank::world]; augmentation from (seed, step, rank)",
-                },
-            }
-            atomic_write(ckpt_path, lambda f: torch.save(state, f))
-        else:
-            prog.loss_sum, prog.loss_count = 0.0, 0
-
-    def finish(status: str, code: int) -> int:
-        s = summary(status)
-        if dctx.is_main:
-            write_outputs(outputs, prog, s, title, curves=True)
-        dctx.barrier()
-        return code
-
-    # Under torchrun every rank must stop at the same step, so the signal flag is all-reduced: on CPU at
-    # every step (cheap), with NCCL every 10th step (each check syncs the GPU with the host).
-    signal_every = 10 if dctx.initialized and device.type == "cuda" else 1
-
-    def stop_reason(force: bool = False) -> str | None:
-        """Collective when distributed: every rank calls it at the same steps and gets the same answer."""
-        if dctx.initialized and (force or prog.step % signal_every == 0):
-            flag = torch.tensor([0 if stop.signum is None else 1], device=device)
-            dctx.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopping = bool(flag.item())
-        else:
-            stopping = not dctx.initialized and stop.signum is not None
-        if stopping:
-            return "signal"
-        if args.max_steps is not None and prog.step >= args.max_steps:
-            return "max_steps"
-        return None
-
-    if prog.epoch >= args.epochs:
-        log(
-            f"training already finished (checkpoint {resume_from} is at epoch {prog.epoch}/{args.epochs}); "
-            "use --no-resume or another --outputs to train again",
+            return self.finish("completed", 0)
+        reason = self.stop_reason(force=True)
+        if reason:
+            if prog.step > 0:
+                self.checkpoint()
+            return self.exit_for(reason)
+        self.loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on device: no sync
+        while prog.epoch < args.epochs:
+            reason = self.train_epoch()
+            if reason and prog.batch < self.steps_per_epoch:
+                return self.exit_for(reason)
+            self.end_epoch()
+            reason = reason or self.stop_reason(force=True)
+            if reason and prog.epoch < args.epochs:
+                return self.exit_for(reason)
+        code = self.finish("completed", 0)
+        best = max(m["test_acc"] for m in prog.history)
+        self.log(
+            f"done: test_acc {prog.history[-1]['test_acc']:.4f} (best {best:.4f}), {prog.step} steps, "
+            f"{time.perf_counter() - self.started:.1f} s; outputs in {self.outputs}/",
             flush=True,
         )
-        return finish("completed", 0)
+        return code
 
-    def exit_for(reason: str) -> int:
-        if reason == "max_steps":
-            log(f"stopped at --max-steps {args.max_steps} (step {prog.step}); checkpoint in {ckpt_path}", flush=True)
-            return finish("stopped_max_steps", 0)
-        signum = stop.signum if stop.signum is not None else signal.SIGTERM
-        log(f"received {signal.Signals(signum).name}: checkpoint saved at step {prog.step} in {ckpt_path}", flush=True)
-        return finish("interrupted", EXIT_SIGNAL.get(signum, 143))
-
-    reason = stop_reason(force=True)
-    if reason:
-        if prog.step > 0:
-            checkpoint()
-        return exit_for(reason)
-
-    loss_acc = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no per-step sync
-    t0, steps = time.perf_counter(), 0  # since the last bookkeeping
-
-    def book() -> None:
-        """Fold the steps since the last call into `prog` (times, samples, loss sum)."""
-        nonlocal t0, steps
-        dt = time.perf_counter() - t0
-        prog.loss_sum = float(loss_acc)
-        prog.loss_count += steps
-        prog.epoch_samples += steps * args.batch_size * dctx.world
-        prog.samples_total += steps * args.batch_size * dctx.world
-        prog.epoch_seconds += dt
-        prog.train_seconds_total += dt
-        t0, steps = time.perf_counter(), 0
-
-    while prog.epoch < args.epochs:
+    def train_epoch(self) -> str | None:
+        """Collective. The epoch's remaining batches; returns why it stopped early, if it did."""
+        args, prog, dctx = self.args, self.prog, self.dctx
         index = shard_batches(
-            epoch_order(len(data.x_train), args.seed, prog.epoch), dctx.rank, dctx.world, args.batch_size
+            epoch_order(len(self.data.x_train), args.seed, prog.epoch), dctx.rank, dctx.world, args.batch_size
         )
-        loss_acc.fill_(prog.loss_sum)
-        t0, steps = time.perf_counter(), 0
+        self.loss_acc.fill_(prog.loss_sum)
+        self.t0, self.steps = time.perf_counter(), 0
         reason = None
-        batches = feeder.batches(index, prog.batch)
+        batches = self.feeder.batches(index, prog.batch)
         for x, y in batches:
-            loss_acc += trainer.train_step(x, y, prog.step)
+            self.loss_acc += self.trainer.train_step(x, y, prog.step)
             prog.step += 1
             prog.batch += 1
-            steps += 1  # noqa: SIM113 (reset by book())
-            reason = stop_reason()
-            mid_epoch = prog.batch < steps_per_epoch
+            self.steps += 1
+            reason = self.stop_reason()
+            mid_epoch = prog.batch < self.steps_per_epoch
             if (reason and mid_epoch) or (args.checkpoint_every and prog.step % args.checkpoint_every == 0):
-                book()
-                checkpoint()  # may move this rank's loss sum to rank 0
-                loss_acc.fill_(prog.loss_sum)
+                self.book()
+                self.checkpoint()  # may move this rank's loss sum to rank 0
+                self.loss_acc.fill_(prog.loss_sum)
                 if reason and mid_epoch:
                     break
         batches.close()
-        book()
-        if reason and prog.batch < steps_per_epoch:
-            return exit_for(reason)
+        self.book()
+        return reason
 
-        # ---- end of epoch: evaluate, record, checkpoint
-        sums = reduced_loss()
+    def book(self) -> None:
+        """Fold the steps since the last call into the progress record (times, samples, loss sum)."""
+        prog, done = self.prog, self.steps * self.args.batch_size * self.dctx.world
+        dt = time.perf_counter() - self.t0
+        prog.loss_sum = float(self.loss_acc)
+        prog.loss_count += self.steps
+        prog.epoch_samples += done
+        prog.samples_total += done
+        prog.epoch_seconds += dt
+        prog.train_seconds_total += dt
+        self.t0, self.steps = time.perf_counter(), 0
+
+    def end_epoch(self) -> None:
+        """Collective. Evaluate, record the epoch's metrics, checkpoint, and write the running outputs."""
+        args, prog = self.args, self.prog
+        sums = self.reduced_loss()
         train_loss = float(sums[0] / max(sums[1], 1))
-        test_loss, test_acc = trainer.evaluate(x_test, y_test)
-        lr = trainer.optimizer.param_groups[0]["lr"]
+        test_loss, test_acc = self.trainer.evaluate(self.x_test, self.y_test)
+        lr = self.trainer.optimizer.param_groups[0]["lr"]
         row = {
             "epoch": prog.epoch + 1,
             "step": prog.step,
@@ -1055,35 +1071,136 @@ def run(args: argparse.Namespace, stop: StopFlag, dctx: DistContext) -> int:
             "seconds": round(prog.epoch_seconds, 3),
         }
         prog.history.append(row)
+        if self.dctx.is_main:
+            self.scalars = self.scalars or Scalars(self.outputs / "tb")
+            self.scalars.add(row)
         prog.epoch += 1
         prog.batch = prog.epoch_samples = prog.loss_count = 0
         prog.loss_sum = prog.epoch_seconds = 0.0
-        log(
+        self.log(
             f"epoch {row['epoch']:>3}/{args.epochs}  step {row['step']:>6}  train_loss {train_loss:.4f}  "
             f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  lr {lr:.4g}  "
             f"{row['samples_per_s']:.0f} samples/s  {row['seconds']:.1f} s",
             flush=True,
         )
-        checkpoint()
-        running = summary("running")  # collective: gathers every rank's weights hash
-        if dctx.is_main:
-            write_outputs(outputs, prog, running, title, curves=False)
-        reason = reason or stop_reason(force=True)
-        if reason and prog.epoch < args.epochs:
-            return exit_for(reason)
+        self.checkpoint()
+        running = self.summary("running")  # collective: gathers every rank's weights hash
+        if self.dctx.is_main:
+            write_outputs(self.outputs, prog, running, self.title, curves=False)
 
-    code = finish("completed", 0)
-    best = max(m["test_acc"] for m in prog.history)
-    log(
-        f"done: test_acc {prog.history[-1]['test_acc']:.4f} (best {best:.4f}), {prog.step} steps, "
-        f"{time.perf_counter() - started:.1f} s; outputs in {outputs}/",
-        flush=True,
-    )
-    return code
+    def stop_reason(self, force: bool = False) -> str | None:
+        """Collective when distributed: every rank calls it at the same steps and gets the same answer."""
+        dctx, prog = self.dctx, self.prog
+        if dctx.initialized and (force or prog.step % self.signal_every == 0):
+            flag = torch.tensor([0 if self.stop.signum is None else 1], device=self.device)
+            dctx.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = bool(flag.item())
+        else:
+            stopping = not dctx.initialized and self.stop.signum is not None
+        if stopping:
+            return "signal"
+        if self.args.max_steps is not None and prog.step >= self.args.max_steps:
+            return "max_steps"
+        return None
+
+    # ---- checkpoint
+    def reduced_loss(self) -> torch.Tensor:
+        """Collective: BN buffers synced, then [loss sum, loss count] summed over ranks."""
+        self.trainer.sync_buffers()
+        on_gpu = self.dctx.initialized and self.device.type == "cuda"
+        return self.dctx.all_reduce(
+            torch.tensor(
+                [self.prog.loss_sum, self.prog.loss_count],
+                dtype=torch.float64,
+                device=self.device if on_gpu else "cpu",
+            )
+        )
+
+    def checkpoint(self) -> None:
+        """Collective (all ranks call it at the same step); rank 0 writes."""
+        args, prog, dctx, trainer = self.args, self.prog, self.dctx, self.trainer
+        sums = self.reduced_loss()
+        if not dctx.is_main:
+            prog.loss_sum, prog.loss_count = 0.0, 0
+            return
+        prog.loss_sum, prog.loss_count = float(sums[0]), int(sums[1])
+        state = {
+            "format": CKPT_FORMAT,
+            "model": trainer.model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "progress": vars(prog).copy(),
+            "args": resume_args(args, dctx.world),
+            "rng": rng_state(),
+            "data_order": {
+                "seed": args.seed,
+                "epoch": prog.epoch,
+                "batch": prog.batch,
+                "world_size": dctx.world,
+                "batch_size": args.batch_size,
+                "scheme": "randperm(seed*1000003+epoch)[rank::world]; augmentation from (seed, step, rank)",
+            },
+        }
+        atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
+
+    # ---- report
+    def summary(self, status: str) -> dict:
+        """Collective (gathers every rank's weights hash): what summary.json holds."""
+        args, prog, dctx, data = self.args, self.prog, self.dctx, self.data
+        hist = prog.history or []
+        hashes = dctx.all_gather_object(weights_sha256(self.trainer.model))
+        return {
+            "status": status,
+            "best_test_acc": max((m["test_acc"] for m in hist), default=None),
+            "final_test_acc": hist[-1]["test_acc"] if hist else None,
+            "final_test_loss": hist[-1]["test_loss"] if hist else None,
+            "epochs": prog.epoch,
+            "epochs_planned": args.epochs,
+            "steps": prog.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "wall_seconds": round(time.perf_counter() - self.started, 3),
+            "train_seconds": round(prog.train_seconds_total, 3),
+            "samples_per_s": round(prog.samples_total / max(prog.train_seconds_total, 1e-9), 1),
+            "device": self.describe,
+            "data": data.name,
+            "train_samples": len(data.x_train),
+            "test_samples": len(data.x_test),
+            "world_size": dctx.world,
+            "weights_sha256": hashes[0],
+            "weights_sha256_per_rank": hashes,
+            "torch": torch.__version__,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        }
+
+    def finish(self, status: str, code: int) -> int:
+        """Collective. Write the final outputs (metrics, summary, curves) and return the exit code."""
+        s = self.summary(status)
+        if self.dctx.is_main:
+            write_outputs(self.outputs, self.prog, s, self.title, curves=True)
+        self.dctx.barrier()
+        return code
+
+    def exit_for(self, reason: str) -> int:
+        args, prog = self.args, self.prog
+        if reason == "max_steps":
+            self.log(
+                f"stopped at --max-steps {args.max_steps} (step {prog.step}); checkpoint in {self.ckpt_path}",
+                flush=True,
+            )
+            return self.finish("stopped_max_steps", 0)
+        signum = self.stop.signum if self.stop.signum is not None else signal.SIGTERM
+        self.log(
+            f"received {signal.Signals(signum).name}: checkpoint saved at step {prog.step} in {self.ckpt_path}",
+            flush=True,
+        )
+        return self.finish("interrupted", EXIT_SIGNAL.get(signum, 143))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # An explicit --data cifar10 fails when CIFAR-10 cannot be had; the default falls back to digits.
+    args.data_explicit = args.data is not None
+    args.data = args.data or "cifar10"
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     stop = StopFlag()

@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
 """remotefit node runner: run one training job detached from the SSH session.
 
-This file is copied to the node (``<base>/.remotefit/runner.py``) and called
-over ssh by the laptop side. It is a single file using only the standard
-library, and works on Python 3.8+, because the node's python3 is whatever the
-image ships (Ubuntu 22.04/24.04, a Deep Learning AMI, or the local sandbox).
+This file is copied to the node (``<base>/.remotefit/runner.py``, beside the
+``contract.py`` it imports) and called over ssh by the laptop side. It uses only
+the standard library, and works on Python 3.8+, because the node's python3 is
+whatever the image ships (Ubuntu 22.04/24.04, a Deep Learning AMI, or the local
+sandbox). The folder layout under ``--base``, the exit codes, the JSON messages
+and the active-run record are the contract's (contract.py), shared with the
+laptop and the watchdog.
 
-Layout under ``--base`` (the node's remotefit work directory)::
-
-    jobs/<job-name>/     the synced job folder (written by rsync, not here)
-    runs/<run-id>/       one per run: run.json, log, exit_code, ended_at,
-                         requirements.txt (copy), supervisor.log
-    envs/<hash>/         cached venvs, keyed by requirements + interpreter
-    active.json          the active run: {run_id, pid, pgid, started_at, ...}
+The job's PATH is [its venv's bin,] .remotefit/bin, then a stock node's PATH (/etc/environment's,
+else Ubuntu's default), never the PATH of whatever started the runner (a laptop's venv, pyenv or
+conda from ~/.bashrc): so `python` means the same on every node, a sandbox node included. The
+shims run the Python this runner runs under (the node's Python, the one with PyTorch): stock
+Ubuntu 24.04 has no `python`, and the Deep Learning AMI's PyTorch lives outside PATH.
 
 Process model: ``start`` spawns a small supervisor in a new session
 (``runner.py _supervise``), which spawns the job in another new session
@@ -23,9 +24,9 @@ and ``ended_at``, and clears ``active.json``. Nothing is tied to the ssh
 session, so a dropped connection does not stop the job; the laptop re-attaches
 with ``follow --offset <bytes already shown>``.
 
-Exit codes: 0 ok; 1 unexpected failure; 2 bad usage / unknown run id;
-3 another run is active; 4 CUDA check failed; ``follow`` exits with the job's
-exit code (255 when the run was lost without recording one).
+Exit codes (contract.EXIT_*): 0 ok; 1 unexpected failure; 2 bad usage / unknown
+run id; 3 another run is active; 4 CUDA check failed; ``follow`` exits with the
+job's exit code (EXIT_LOST when the run was lost without recording one).
 """
 
 from __future__ import annotations
@@ -33,30 +34,53 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
-import shutil
+import shlex
 import signal
-import site
-import socket
-import subprocess
 import sys
 import time
 
-RUNNER = os.path.abspath(__file__)
+# hashlib, shutil, site, socket and subprocess are imported where they are used: `idle`, `follow`
+# and `status` (a call on every fit) need none of them, and they cost ~20 ms per interpreter start.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    import subprocess
 
-EXIT_OK = 0
-EXIT_FAIL = 1
-EXIT_USAGE = 2
-EXIT_BUSY = 3
-EXIT_NO_CUDA = 4
-EXIT_LOST = 255
+RUNNER = os.path.abspath(__file__)
+# contract.py travels beside this file; the supervisor and job run with -I, which leaves the
+# script's folder off sys.path, so it is put there explicitly.
+sys.path.insert(0, os.path.dirname(RUNNER))
+import contract  # noqa: E402
+from contract import (  # noqa: E402
+    EXIT_BUSY,
+    EXIT_FAIL,
+    EXIT_LOST,
+    EXIT_NO_CUDA,
+    EXIT_OK,
+    EXIT_USAGE,
+    pid_alive,
+    proc_stat,
+    read_json,
+    write_json,
+    write_text,
+)
 
 READY_MARKER = ".remotefit-ready"
+# Ubuntu's /etc/environment PATH: what a stock node's login gets when that file says nothing.
+STOCK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/games:/usr/local/games:/snap/bin"
+# Each shim: `python`/`python3` run the node's Python; the others run a module of whichever `python`
+# comes first on PATH, so in a job with requirements they use the job's venv.
+SHIMS = {
+    "python": 'exec {python} "$@"',
+    "python3": 'exec {python} "$@"',
+    "pip": 'exec python -m pip "$@"',
+    "pip3": 'exec python -m pip "$@"',
+    "torchrun": 'exec python -m torch.distributed.run "$@"',
+}
 PTH_NAME = "remotefit-parent-site.pth"
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_RE = re.compile(contract.RUN_ID_PATTERN)
 HAVE_PROC = os.path.isdir("/proc/self")
 
 # Printed by the job's python for --check-cuda; one JSON line on stdout.
@@ -96,32 +120,6 @@ def note(msg: str) -> None:
     print("runner: " + msg, file=sys.stderr, flush=True)
 
 
-def read_json(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def write_json(path: str, obj: object) -> None:
-    # Write-then-rename so readers (follow/status on another ssh session) never
-    # see a half-written file.
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def read_int(path: str) -> int | None:
     try:
         with open(path, encoding="utf-8") as f:
@@ -138,43 +136,6 @@ def read_text(path: str) -> str | None:
         return None
 
 
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, pgrp, starttime) from /proc/<pid>/stat, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    # comm may contain spaces and parens; the fields after the last ')' are fixed.
-    fields = raw[raw.rfind(")") + 2 :].split()
-    try:
-        return fields[0], int(fields[2]), int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def pid_alive(pid: object, start_ticks: object = None) -> bool:
-    """True if pid runs and (when known) is the same process we started.
-
-    Zombies count as dead: PID 1 in containers does not always reap them, and
-    a recycled pid (different start time) is not our job.
-    """
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if not HAVE_PROC:
-        return True
-    st = proc_stat(pid)
-    if st is None or st[0] in ("Z", "X"):
-        return False
-    return not (isinstance(start_ticks, int) and st[2] != start_ticks)
-
-
 def group_alive(pgid: int) -> bool:
     """True while any non-zombie process is left in process group pgid."""
     if not HAVE_PROC:
@@ -188,7 +149,7 @@ def group_alive(pgid: int) -> bool:
     for name in os.listdir("/proc"):
         if name.isdigit():
             st = proc_stat(int(name))
-            if st is not None and st[1] == pgid and st[0] not in ("Z", "X"):
+            if st is not None and st[2] == pgid and st[0] not in ("Z", "X"):
                 return True
     return False
 
@@ -210,22 +171,25 @@ def exit_code_of(returncode: int) -> int:
 
 
 class Layout:
+    """The contract's folder layout, under one absolute --base."""
+
     def __init__(self, base: str):
         self.base = os.path.abspath(os.path.expanduser(base))
         self.runs = os.path.join(self.base, "runs")
         self.envs = os.path.join(self.base, "envs")
-        self.active = os.path.join(self.base, "active.json")
-        self.lock = os.path.join(self.base, ".runner.lock")
+        self.active = contract.active_path(self.base)
+        self.lock = os.path.join(self.base, contract.LOCK)
+        self.shims = os.path.join(self.base, contract.SHIM_DIR)
 
     def run_dir(self, run_id: str) -> str:
-        return os.path.join(self.runs, run_id)
+        return contract.run_dir(self.base, run_id)
 
     def path(self, run_id: str, name: str) -> str:
-        return os.path.join(self.runs, run_id, name)
+        return os.path.join(self.run_dir(run_id), name)
 
 
 def check_run_id(run_id: str) -> str:
-    if not RUN_ID_RE.match(run_id or ""):
+    if not RUN_ID_RE.fullmatch(run_id or ""):
         raise RunnerError(f"invalid run id {run_id!r} (use letters, digits, '.', '_', '-')", EXIT_USAGE)
     return run_id
 
@@ -259,7 +223,7 @@ def run_info(layout: Layout, run_id: str) -> dict:
         log_bytes = os.path.getsize(os.path.join(rd, "log"))
     except OSError:
         log_bytes = 0
-    active = read_json(layout.active) or {}
+    active = contract.read_active(layout.base) or {}
     return {
         "run_id": run_id,
         "state": state,
@@ -274,6 +238,8 @@ def run_info(layout: Layout, run_id: str) -> dict:
         "log": os.path.join(rd, "log"),
         "log_bytes": log_bytes,
         "active": active.get("run_id") == run_id and state == "running",
+        # The final upload to the runs bucket ({files, bytes, complete, errors}); None when not kept.
+        "kept": read_json(os.path.join(rd, "upload.json")) if meta.get("keep") else None,
         "_supervisor_pid": meta.get("supervisor_pid"),
         "_supervisor_start": meta.get("supervisor_start"),
     }
@@ -285,12 +251,12 @@ def public(info: dict) -> dict:
 
 def current_active(layout: Layout, clean: bool) -> dict | None:
     """The active run if its process is alive; a stale active.json is removed."""
-    data = read_json(layout.active)
+    data = contract.read_active(layout.base)
     if data is None:
         if clean and os.path.exists(layout.active):
             os.unlink(layout.active)  # unreadable: cannot name a live run
         return None
-    if pid_alive(data.get("pid"), data.get("pid_start")):
+    if contract.record_alive(data):
         return data
     if clean:
         with contextlib.suppress(FileNotFoundError):
@@ -303,14 +269,14 @@ def clear_active(layout: Layout, run_id: str) -> None:
     # Under the lock, and only if it still names this run: a new run may
     # already have replaced it.
     with locked(layout.lock):
-        data = read_json(layout.active)
+        data = contract.read_active(layout.base)
         if data is not None and data.get("run_id") == run_id:
             os.unlink(layout.active)
 
 
-def record_exit(layout: Layout, run_id: str, code: int) -> None:
+def record_exit(layout: Layout, run_id: str, code: int, ended: float | None = None) -> None:
     """Write ended_at, then exit_code (exit_code is the 'finished' signal)."""
-    ended = time.time()
+    ended = time.time() if ended is None else ended
     write_text(layout.path(run_id, "ended_at"), iso(ended) + "\n")
     meta = read_json(layout.path(run_id, "run.json")) or {}
     meta.update(exit_code=code, ended_at=iso(ended), ended_epoch=ended)
@@ -323,6 +289,8 @@ def record_exit(layout: Layout, run_id: str, code: int) -> None:
 
 
 def env_hash(requirements: bytes) -> str:
+    import hashlib
+
     # The interpreter path is part of the key too: two interpreters of the same
     # version (system vs conda) must not share a venv.
     h = hashlib.sha256()
@@ -332,6 +300,8 @@ def env_hash(requirements: bytes) -> str:
 
 
 def parent_site_dirs() -> list[str]:
+    import site
+
     dirs = []
     with contextlib.suppress(AttributeError):
         dirs.extend(site.getsitepackages())
@@ -347,6 +317,8 @@ def ensure_venv(venv_dir: str, requirements: str) -> int:
 
     Output goes to stdout/stderr, which for the job process is the run log.
     """
+    import shutil
+    import subprocess
 
     def say(msg: str) -> None:
         print("[remotefit] " + msg, flush=True)
@@ -399,11 +371,16 @@ def ensure_venv(venv_dir: str, requirements: str) -> int:
 
 def job_python(env: dict) -> str:
     """The python the job's `python ...` command would run."""
+    import shutil
+
     path = env.get("PATH", os.defpath)
     return shutil.which("python", path=path) or shutil.which("python3", path=path) or sys.executable
 
 
 def driver_version() -> str:
+    import shutil
+    import subprocess
+
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return "nvidia-smi not found"
@@ -425,6 +402,8 @@ def driver_version() -> str:
 
 def check_cuda(python: str, env: dict, cwd: str) -> tuple[bool, str]:
     """(ok, one-line description) of torch.cuda.is_available() in python."""
+    import subprocess
+
     try:
         out = subprocess.run(
             [python, "-c", CUDA_PROBE],
@@ -466,17 +445,51 @@ def load_env_file(path: str) -> dict:
     return data
 
 
-def build_env(base_env: dict, extra: dict, venv_dir: str | None, run_dir: str, run_id: str) -> dict:
+def stock_path(environment: str = "/etc/environment") -> str:
+    """PATH as a stock node's login has it: /etc/environment's PATH line, else Ubuntu's default."""
+    try:
+        with open(environment, encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.strip().partition("=")
+                if key.strip() == "PATH" and value.strip():
+                    return value.strip().strip("\"'")
+    except OSError:
+        pass
+    return STOCK_PATH
+
+
+def write_shims(shim_dir: str, python: str) -> str:
+    """(Re)write the job's command shims for `python` (each an atomic replace); return the folder."""
+    os.makedirs(shim_dir, exist_ok=True)
+    for name, body in SHIMS.items():
+        text = (
+            "#!/bin/sh\n# remotefit: written by runner.py for jobs\n" + body.format(python=shlex.quote(python)) + "\n"
+        )
+        path = os.path.join(shim_dir, name)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o700)  # only the job user runs them
+        os.replace(tmp, path)
+    return shim_dir
+
+
+def build_env(
+    base_env: dict, extra: dict, venv_dir: str | None, run_dir: str, run_id: str, shim_dir: str | None = None
+) -> dict:
     env = dict(base_env)
+    env["PATH"] = stock_path()  # not the caller's: see the module docstring
     for key, value in extra.items():
         if value is None:
             env.pop(key, None)
         else:
             env[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    for key in ("SSH_CLIENT", "SSH2_CLIENT", "SSH_CONNECTION", "SSH_TTY"):
+    for key in ("SSH_CLIENT", "SSH2_CLIENT", "SSH_CONNECTION", "SSH_TTY", "VIRTUAL_ENV"):
         env.pop(key, None)  # the job is not an ssh session (and bash must not act like one)
+    if shim_dir:
+        env["PATH"] = shim_dir + os.pathsep + env["PATH"]
     if venv_dir:
-        env["PATH"] = os.path.join(venv_dir, "bin") + os.pathsep + env.get("PATH", os.defpath)
+        env["PATH"] = os.path.join(venv_dir, "bin") + os.pathsep + env["PATH"]
         env["VIRTUAL_ENV"] = venv_dir
     env["REMOTEFIT_RUN_DIR"] = run_dir
     env["REMOTEFIT_RUN_ID"] = run_id
@@ -485,17 +498,65 @@ def build_env(base_env: dict, extra: dict, venv_dir: str | None, run_dir: str, r
     return env
 
 
+def inside(root: str, rel: str, what: str) -> str:
+    """root/rel, refused unless it is a relative path that stays inside root (symlinks included).
+
+    The laptop checks job.toml too; this is the node's own guard, since on the sandbox or with
+    --local the node is the user's own machine."""
+    norm = os.path.normpath(rel or ".")
+    if os.path.isabs(rel or "") or norm in (".", "..") or norm.startswith("../") or "\n" in rel:
+        raise RunnerError(f"{what} {rel!r} is not a relative path inside {root}", EXIT_USAGE)
+    full = os.path.join(root, norm)
+    parent = os.path.realpath(os.path.dirname(full))
+    real_root = os.path.realpath(root)
+    if parent != real_root and not parent.startswith(real_root + os.sep):
+        raise RunnerError(f"{what} {rel!r} leads out of {root} through a symlink", EXIT_USAGE)
+    return full
+
+
+def link_outputs(job_dir: str, name: str, target: str, run_id: str) -> None:
+    """<job_dir>/<name> becomes a symlink to this run's outputs folder (a real folder there is kept
+    aside as <name>.before-<run id>), so any script writing ./outputs works and runs never mix."""
+    link = inside(job_dir, name, "--outputs")
+    os.makedirs(target, exist_ok=True)
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    if os.path.lexists(link) and not os.path.islink(link):
+        os.rename(link, f"{link}.before-{run_id}")
+    tmp = f"{link}.tmp-{run_id}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
 def cmd_start(args: argparse.Namespace) -> int:
+    import socket
+    import subprocess
+
     layout = Layout(args.base)
+    extra_env: dict = {}
+    if args.env_file:
+        # It may hold tokens (job.toml [env]): read once, then gone; the job gets them in its
+        # environment, and nothing else keeps them.
+        try:
+            extra_env = load_env_file(args.env_file)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(args.env_file)
+    keep = keep_spec(extra_env.pop(contract.KEEP_KEY, None))  # for the supervisor's uploader, not the job
     run_id = check_run_id(args.run_id)
     job_dir = os.path.abspath(os.path.expanduser(args.job_dir))
     if not os.path.isdir(job_dir):
         raise RunnerError(f"job dir {job_dir} does not exist", EXIT_USAGE)
-    extra_env = load_env_file(args.env_file) if args.env_file else {}
+    if args.outputs is not None:
+        inside(job_dir, args.outputs, "--outputs")
+        out_dir = os.path.abspath(args.outputs_dir or "")
+        if not args.outputs_dir or not out_dir.startswith(layout.base + os.sep):
+            raise RunnerError(f"--outputs-dir {args.outputs_dir!r} must be a folder inside {layout.base}", EXIT_USAGE)
     req_bytes = None
     if args.requirements:
         try:
-            with open(os.path.join(job_dir, args.requirements), "rb") as f:
+            with open(inside(job_dir, args.requirements, "--requirements"), "rb") as f:
                 req_bytes = f.read()
         except OSError as exc:
             raise RunnerError(f"cannot read requirements {args.requirements}: {exc.strerror}", EXIT_USAGE) from None
@@ -513,8 +574,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         rd = layout.run_dir(run_id)
         if os.path.exists(rd):
             raise RunnerError(f"run id {run_id} already exists ({rd})", EXIT_USAGE)
+        if args.outputs is not None:
+            link_outputs(job_dir, args.outputs, os.path.abspath(args.outputs_dir), run_id)
         venv_dir = os.path.join(layout.envs, env_hash(req_bytes)) if req_bytes is not None else None
-        env = build_env(dict(os.environ), extra_env, venv_dir, rd, run_id)
+        env = build_env(dict(os.environ), extra_env, venv_dir, rd, run_id, write_shims(layout.shims, sys.executable))
 
         cuda_checked = False
         if args.check_cuda and (venv_dir is None or os.path.isfile(os.path.join(venv_dir, READY_MARKER))):
@@ -552,13 +615,18 @@ def cmd_start(args: argparse.Namespace) -> int:
                 "hostname": socket.gethostname(),
                 "python": sys.executable,
                 "starter_pid": os.getpid(),
+                "outputs_dir": os.path.abspath(args.outputs_dir) if args.outputs is not None else None,
+                "keep": keep,
             },
         )
         with open(os.path.join(rd, "supervisor.log"), "ab") as slog:
             # -I: the env file may set PYTHONPATH/PYTHONHOME for the job; they
             # must not break the runner's own interpreter.
             sup = subprocess.Popen(
-                [sys.executable, "-I", RUNNER, "_supervise", "--base", layout.base, "--run-id", run_id],
+                # -S: the supervisor needs only the standard library (and contract.py); skipping site
+                # saves a node Python's .pth files on every start. The job process keeps site: it
+                # builds venvs from the parent's site-packages.
+                [sys.executable, "-I", "-S", RUNNER, "_supervise", "--base", layout.base, "--run-id", run_id],
                 cwd=rd,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -569,22 +637,24 @@ def cmd_start(args: argparse.Namespace) -> int:
             )
         meta = wait_for_pid(layout, run_id, sup)
 
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "run_id": run_id,
-                    "pid": meta["pid"],
-                    "pgid": meta.get("pgid"),
-                    "run_dir": rd,
-                    "log": os.path.join(rd, "log"),
-                }
-            )
-        )
-    else:
-        print(run_id)
-    sys.stdout.flush()
+    started = {
+        "type": contract.MSG_STARTED,
+        "run_id": run_id,
+        "pid": meta["pid"],
+        "pgid": meta.get("pgid"),
+        "run_dir": rd,
+        "log": os.path.join(rd, "log"),
+    }
     sup.returncode = 0  # detached on purpose; silence Popen's "still running" warning
+    if args.follow:
+        # start, then follow in the same process (one interpreter start less per fit): the start
+        # message goes to stderr, stdout is the log, and the run's status ends stderr.
+        sys.stderr.write(json.dumps(started) + "\n")
+        sys.stderr.flush()
+        follow = argparse.Namespace(base=args.base, run_id=run_id, offset=0, poll=0.2, quiet=True, status_json=True)
+        return cmd_follow(follow)
+    print(json.dumps(started) if args.json else run_id)
+    sys.stdout.flush()
     return EXIT_OK
 
 
@@ -602,20 +672,25 @@ def wait_for_pid(layout: Layout, run_id: str, sup: subprocess.Popen, timeout: fl
             tail = (read_text(layout.path(run_id, "supervisor.log")) or "").splitlines()[-1:]
             detail = (": " + tail[0]) if tail else ""
             raise RunnerError(f"supervisor for run {run_id} did not start the job{detail}")
-        time.sleep(0.02)
+        time.sleep(0.005)
 
 
 # --------------------------------------------------------------------------- supervisor / job
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
+    import subprocess
+
     layout = Layout(args.base)
     run_id = args.run_id
     meta = read_json(layout.path(run_id, "run.json")) or {}
     with open(layout.path(run_id, "log"), "ab") as log:
         try:
             job = subprocess.Popen(
-                [sys.executable, "-I", RUNNER, "_job", "--base", layout.base, "--run-id", run_id],
+                # Site only when a venv is to be built (it reads the parent's site-packages); without
+                # requirements the job process needs the standard library alone, and starts faster.
+                [sys.executable, *(["-I"] if meta.get("requirements_copy") else ["-I", "-S"]), RUNNER, "_job"]
+                + ["--base", layout.base, "--run-id", run_id],
                 cwd=meta["job_dir"],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -633,14 +708,12 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     # live on to record how it ended.
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    st = proc_stat(job.pid)
-    me = proc_stat(os.getpid())
     meta.update(
         pid=job.pid,
         pgid=job.pid,
-        pid_start=st[2] if st else None,
+        pid_start=contract.start_ticks(job.pid),
         supervisor_pid=os.getpid(),
-        supervisor_start=me[2] if me else None,
+        supervisor_start=contract.start_ticks(os.getpid()),
     )
     write_json(
         layout.active,
@@ -651,16 +724,100 @@ def cmd_supervise(args: argparse.Namespace) -> int:
             "pid_start": meta["pid_start"],
             "started_at": meta.get("started_at"),
             "supervisor_pid": os.getpid(),
+            "supervisor_start": meta["supervisor_start"],
         },
     )
     write_json(layout.path(run_id, "run.json"), meta)  # `start` waits for this pid
+    uploader = start_uploader(layout, run_id, meta)
     code = exit_code_of(job.wait())
     print(f"{iso()} job {job.pid} exited with {code}", flush=True)
-    record_exit(layout, run_id, code)
+    ended = time.time()
+    if uploader is not None:
+        # The run counts as finished only once its results are in the bucket (bounded): until then it
+        # stays active, so the watchdog sees a busy node and no cost guard ends it mid-upload.
+        finish_upload(layout, run_id, meta, code, ended, uploader)
+    record_exit(layout, run_id, code, ended)
     return EXIT_OK
 
 
+def keep_spec(raw: object) -> dict | None:
+    """The laptop's KEEP_KEY entry (a JSON object in a string), or None when results stay on the node."""
+    if raw is None:
+        return None
+    try:
+        spec = json.loads(str(raw))
+    except ValueError:
+        spec = None
+    if not isinstance(spec, dict) or not all(isinstance(spec.get(k), str) for k in ("bucket", "prefix")):
+        raise RunnerError(
+            f"{contract.KEEP_KEY} is not a results spec (a JSON object with bucket and prefix)", EXIT_USAGE
+        )
+    return spec
+
+
+def start_uploader(layout: Layout, run_id: str, meta: dict):  # -> subprocess.Popen | None
+    """Start remotefit/node/uploader.py beside the job (its own session: a cancel of the job's group
+    does not stop it), under the tool venv's Python; None when this run keeps nothing or cannot."""
+    import subprocess
+
+    keep = meta.get("keep")
+    if not keep:
+        return None
+    rd = layout.run_dir(run_id)
+    python = os.environ.get(contract.TOOLS_PYTHON_ENV) or contract.TOOLS_PYTHON
+    script = os.path.join(os.path.dirname(RUNNER), "uploader.py")
+    if not (os.path.isfile(python) and os.path.isfile(script)):
+        missing = python if not os.path.isfile(python) else script
+        print(f"{iso()} results are NOT kept in S3: {missing} is missing", flush=True)
+        write_json(os.path.join(rd, "upload.json"), {"complete": False, "errors": [f"{missing} is missing"]})
+        return None
+    argv = [python, script, "--bucket", keep["bucket"], "--prefix", keep["prefix"]]
+    argv += ["--every", str(keep.get("every") or 60), "--log", os.path.join(rd, "log")]
+    argv += ["--log-key", str(keep.get("log_key") or "log"), "--stop-file", os.path.join(rd, "upload-stop")]
+    argv += ["--done-file", os.path.join(rd, "upload.json"), "--final-timeout", str(contract.KEEP_FINAL_TIMEOUT_S)]
+    argv += ["--also", f"{os.path.join(rd, 'keep-status.json')}={keep.get('status_key') or 'status.json'}"]
+    if keep.get("region"):
+        argv += ["--region", str(keep["region"])]
+    if keep.get("outputs") and meta.get("outputs_dir"):
+        argv += ["--outputs", meta["outputs_dir"]]
+    if isinstance(keep.get("record"), dict):
+        write_json(os.path.join(rd, "record.json"), keep["record"])
+        argv += ["--also", f"{os.path.join(rd, 'record.json')}=record.json"]
+    env = dict(os.environ)
+    env.update({str(k): str(v) for k, v in (keep.get("aws_env") or {}).items()})
+    with open(os.path.join(rd, "upload.log"), "ab") as out:
+        return subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def finish_upload(layout: Layout, run_id: str, meta: dict, code: int, ended: float, uploader) -> None:
+    """The run's final status goes beside its results, then the uploader's final pass (bounded)."""
+    import subprocess
+
+    rd = layout.run_dir(run_id)
+    status = {
+        "run_id": run_id,
+        "state": "finished",
+        "exit_code": code,
+        "started_at": meta.get("started_at"),
+        "ended_at": iso(ended),
+        "hostname": meta.get("hostname"),
+    }
+    write_json(os.path.join(rd, "keep-status.json"), status)
+    write_text(os.path.join(rd, "upload-stop"), "")
+    try:
+        uploader.wait(timeout=contract.KEEP_FINAL_TIMEOUT_S + 60)
+    except subprocess.TimeoutExpired:
+        uploader.kill()
+        print(f"{iso()} the final upload did not end in time; stopped it", flush=True)
+    done = read_json(os.path.join(rd, "upload.json")) or {}
+    print(f"{iso()} final upload: {'complete' if done.get('complete') else 'INCOMPLETE'}", flush=True)
+
+
 def cmd_job(args: argparse.Namespace) -> int:
+    import subprocess
+
     # Python ignores SIGPIPE and that would survive exec into the job.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     layout = Layout(args.base)
@@ -672,7 +829,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     if meta.get("check_cuda") and not meta.get("cuda_checked"):
         ok, line = check_cuda(job_python(dict(os.environ)), dict(os.environ), os.getcwd())
         if not ok:
-            print("runner: error: " + line, file=sys.stderr, flush=True)
+            print(contract.ERROR_PREFIX + line, file=sys.stderr, flush=True)
             return EXIT_NO_CUDA
         print("[remotefit] " + line, flush=True)
     if meta.get("setup"):
@@ -708,7 +865,8 @@ def cmd_follow(args: argparse.Namespace) -> int:
     pos = args.offset
     f = None
     lost_since = None
-    sleep = 0.01
+    sleep = 0.005
+    began = time.time()
 
     def drain() -> bool:
         nonlocal pos
@@ -750,9 +908,10 @@ def cmd_follow(args: argparse.Namespace) -> int:
                     return EXIT_LOST
             else:
                 lost_since = None
-            # Short runs end quickly after a quick look; long quiet ones are polled every --poll s.
+            # Short runs end quickly after a quick look (every 20 ms for the first seconds: a check
+            # reads a few small files); long quiet ones are polled every --poll s.
             time.sleep(min(args.poll, sleep))
-            sleep = min(args.poll, sleep * 2)
+            sleep = min(args.poll, sleep * 2) if time.time() - began > 3 else min(0.02, sleep * 2)
     except BrokenPipeError:
         # The ssh side went away; nothing left to tell.
         with contextlib.suppress(OSError):
@@ -765,7 +924,7 @@ def cmd_follow(args: argparse.Namespace) -> int:
 
 def status_line(info: dict) -> None:
     """The run's final status as one JSON line on stderr (saves the laptop a `status` round trip)."""
-    sys.stderr.write(json.dumps(public(info), sort_keys=True) + "\n")
+    sys.stderr.write(json.dumps(dict(public(info), type=contract.MSG_STATUS), sort_keys=True) + "\n")
     sys.stderr.flush()
 
 
@@ -777,7 +936,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     infos = []
     if os.path.isdir(layout.runs):
         for name in os.listdir(layout.runs):
-            if RUN_ID_RE.match(name) and os.path.isdir(layout.run_dir(name)):
+            if RUN_ID_RE.fullmatch(name) and os.path.isdir(layout.run_dir(name)):
                 infos.append(public(run_info(layout, name)))
     infos.sort(key=lambda i: (i.get("started_at") or "", i["run_id"]))
     print(json.dumps(infos, indent=2))
@@ -819,8 +978,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             os.killpg(pgid, signal.SIGKILL)
             killed = True
             note(f"grace period over; sent SIGKILL to process group {pgid}")
-    # The supervisor records the exit code; give it a moment.
-    deadline = time.time() + 10
+    # The supervisor records the exit code; give it a moment (more when it first does the final upload).
+    keeps = bool((read_json(layout.path(run_id, "run.json")) or {}).get("keep"))
+    deadline = time.time() + (contract.KEEP_FINAL_TIMEOUT_S + 60 if keeps else 10)
     code = None
     while time.time() < deadline:
         code = read_int(layout.path(run_id, "exit_code"))
@@ -849,24 +1009,18 @@ def cmd_idle(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_log_path(args: argparse.Namespace) -> int:
-    layout = Layout(args.base)
-    print(os.path.join(require_run(layout, args.run_id), "log"))
-    return EXIT_OK
-
-
 # --------------------------------------------------------------------------- CLI
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
-        sys.stderr.write(f"runner: error: {message}\n")
+        sys.stderr.write(f"{contract.ERROR_PREFIX}{message}\n")
         sys.exit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="runner", description="Run a remotefit job on this node, detached from ssh.")
-    sub = p.add_subparsers(dest="command", metavar="{start,follow,status,cancel,idle,log-path}")
+    sub = p.add_subparsers(dest="command", metavar="{start,follow,status,cancel,idle}")
     sub.required = True
 
     def add(name: str, help_text: str | None, run_id: str = "required") -> argparse.ArgumentParser:
@@ -883,9 +1037,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cmd", required=True, help="shell command (run with bash -c)")
     sp.add_argument("--env-file", help="JSON object of extra environment variables")
     sp.add_argument("--requirements", help="requirements file (relative to --job-dir) for a cached venv")
+    sp.add_argument("--outputs", help="folder (relative to --job-dir) to link to --outputs-dir")
+    sp.add_argument("--outputs-dir", help="this run's outputs folder (inside --base)")
     sp.add_argument("--setup", help="shell command run in the job dir before --cmd")
     sp.add_argument("--check-cuda", action="store_true", help="fail (exit 4) unless torch sees CUDA")
     sp.add_argument("--json", action="store_true", help="print {run_id, pid, pgid, run_dir, log}")
+    sp.add_argument(
+        "--follow",
+        action="store_true",
+        help="then stream the log like `follow -q --status-json` (that JSON goes to stderr first)",
+    )
     sp.set_defaults(func=cmd_start)
 
     sp = add("follow", "stream a run's log; exit with the job's exit code")
@@ -905,9 +1066,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("idle", "exit 0 when no run is active, else 3 naming the active run", run_id="none")
     sp.set_defaults(func=cmd_idle)
 
-    sp = add("log-path", "print the path of a run's log")
-    sp.set_defaults(func=cmd_log_path)
-
     # Internal: the detached supervisor and the job process.
     add("_supervise", None).set_defaults(func=cmd_supervise)
     add("_job", None).set_defaults(func=cmd_job)
@@ -919,14 +1077,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except RunnerError as exc:
-        sys.stderr.write(f"runner: error: {exc}\n")
+        sys.stderr.write(f"{contract.ERROR_PREFIX}{exc}\n")
         return exc.code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         if os.environ.get("REMOTEFIT_DEBUG"):
             raise
-        sys.stderr.write(f"runner: error: {type(exc).__name__}: {exc}\n")
+        sys.stderr.write(f"{contract.ERROR_PREFIX}{type(exc).__name__}: {exc}\n")
         return EXIT_FAIL
 
 

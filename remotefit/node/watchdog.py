@@ -5,8 +5,11 @@ Run every minute by ``remotefit-watchdog.timer`` (as root, Type=oneshot):
 
     /usr/bin/python3 /opt/remotefit/watchdog.py --config /etc/remotefit/watchdog.json
 
-or with ``--loop SECONDS`` where there is no systemd. Single file, standard
-library only, Python 3.8+.
+or with ``--loop SECONDS`` where there is no systemd. ``remotefit-spot.service`` runs
+``--spot-poll 5`` beside it: a long-lived loop that only watches for spot notices, every 5 s as AWS
+recommends (a notice comes two minutes before the interruption; a minute timer would waste half). Standard
+library only, Python 3.8+; it imports ``contract.py`` from its own folder (the active-run record, process
+liveness, atomic writes and the config keys it shares with the runner and the laptop).
 
 Config (JSON, written at boot by user_data; every key can also be given as a
 flag, and flags win)::
@@ -14,25 +17,36 @@ flag, and flags win)::
     {"deadline_epoch": 1700000000, "idle_minutes": 30,
      "base": "/home/ubuntu/remotefit", "imds": "http://169.254.169.254",
      "state": "/var/lib/remotefit/watchdog-state.json",
-     "shutdown_cmd": ["shutdown", "-h", "now"]}
+     "shutdown_cmd": ["shutdown", "-h", "now"], "spot_service": true}
 
 Each tick:
 
 * Spot interruption: asks IMDSv2 for ``spot/instance-action``; when a notice is
   there, SIGTERMs the active run's process group once (remembered in the state
-  file), so the job can checkpoint in its two minutes.
+  file), so the job can checkpoint in its two minutes. With ``spot_service``
+  the tick leaves this to the ``--spot-poll`` loop (its own state file, so the
+  two never overwrite each other's records).
 * Hard deadline: ``now >= deadline_epoch`` shuts the node down. The instance is
   launched with instance_initiated_shutdown_behavior=terminate, so shutting
   down terminates it. user_data ALSO runs ``shutdown -h +<minutes>`` at boot: a
   second, independent guard that needs neither this script nor its timer.
 * Idle: the node is busy while ``<base>/active.json`` (written by runner.py)
-  names a live process, or while anyone is logged in over ssh (per-session
-  ``sshd: user@tty`` processes). Idle for ``idle_minutes`` since
-  max(boot or first tick, last busy) shuts the node down.
+  names a live process (the same pid AND start time: a recycled pid is not the
+  run), or while someone uses the node: an interactive ssh
+  login (``sshd: user@pts/N``), an ssh connection running a command
+  (``sshd: user@notty`` with a child process: rsync, a follow, ``inv ssh CMD``),
+  or an open SSM Session Manager session (one ``ssm-session-worker`` process
+  each, shell or port forwarding alike: a person is on the node). An
+  ``@notty`` connection with no child is an idle ssh ControlMaster (ours
+  persists 10 minutes after the last command): it does not count. Idle for
+  ``idle_minutes`` since max(boot or first tick, last busy) shuts the node down.
 
-One line per tick goes to stdout (the journal) saying what was decided and
-why. A tick never crashes on a bad config, an unwritable state file or an
-unreachable IMDS: the deadline and idle checks must still happen. Exit 0.
+One line per tick goes to stdout (the journal) saying what was decided
+(``action=keep|shutdown decision=busy|waiting|idle|deadline``) and why. A tick
+never crashes on a bad config, an unwritable state file or an unreachable IMDS:
+the deadline and idle checks must still happen. Exit 0; a tick that crashes
+anyway logs ``watchdog: error: tick crashed`` to stderr and exits 3 (the unit
+takes 3 as success, so the timer's next tick still runs).
 
 For tests: ``--now EPOCH`` or $REMOTEFIT_FAKE_NOW fake the clock, ``--proc``
 points at a fake /proc, ``--shutdown-cmd`` replaces the shutdown command and
@@ -53,17 +67,17 @@ import time
 import urllib.error
 import urllib.request
 
-DEFAULTS = {
-    "deadline_epoch": None,
-    "idle_minutes": 30.0,
-    "base": "/home/ubuntu/remotefit",
-    "imds": "http://169.254.169.254",
-    "state": "/var/lib/remotefit/watchdog-state.json",
-    "shutdown_cmd": ["shutdown", "-h", "now"],
-    "started_epoch": None,
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # contract.py lies beside this file
+import contract  # noqa: E402
+
+DEFAULTS = contract.WATCHDOG_DEFAULTS
 DEFAULT_CONFIG = "/etc/remotefit/watchdog.json"
+# Exit code of a crashed tick: distinct from 0 (a decision was made) and from argparse's 2; the unit
+# lists it in SuccessExitStatus so the timer's next tick runs as usual while the journal shows the crash.
+TICK_CRASHED = 3
 SSH_SESSION_PREFIXES = ("sshd: ", "sshd-session: ")  # OpenSSH >= 9.8 renamed the per-session binary
+SSM_SESSION_WORKER = "ssm-session-worker"  # the SSM agent starts one per Session Manager session
+SPOT_POLL_DEFAULT = 5.0  # seconds; AWS recommends polling spot/instance-action every 5 s
 
 
 def log(msg: str) -> None:
@@ -143,10 +157,7 @@ def load_state(path: str) -> dict:
 def save_state(path: str, state: dict) -> None:
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        contract.write_json(path, state)
     except OSError as exc:
         warn(f"cannot write state {path} ({exc})")
 
@@ -170,40 +181,14 @@ def boot_time(proc: str, now: float) -> float | None:
         return None
 
 
-def pid_alive(pid: object, proc: str) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    # A zombie still answers kill(0); /proc tells them apart when it is there.
-    stat = read_first_line(os.path.join(proc, str(pid), "stat"))
-    if stat and ")" in stat:
-        return stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X")
-    return True
-
-
 def active_run(base: str, proc: str) -> dict | None:
-    """The run named by base/active.json if its process is alive."""
-    try:
-        with open(os.path.join(base, "active.json"), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if isinstance(data, dict) and pid_alive(data.get("pid"), proc):
-        return data
-    return None
+    """The run named by base/active.json if its process is alive (pid and start time)."""
+    return contract.live_active(base, proc)
 
 
 def parent_of(proc: str, pid: str) -> str | None:
-    try:
-        with open(os.path.join(proc, pid, "stat")) as f:
-            return f.read().rsplit(")", 1)[1].split()[1]
-    except (OSError, IndexError):
-        return None
+    st = read_stat(proc, pid)
+    return st[1] if st else None
 
 
 def descends_from(proc: str, pid: str, ancestor: str) -> bool:
@@ -217,18 +202,39 @@ def descends_from(proc: str, pid: str, ancestor: str) -> bool:
     return False
 
 
+def read_stat(proc: str, pid: str) -> tuple[str, str] | None:
+    """(state, parent pid) of a process, or None when it is gone."""
+    try:
+        with open(os.path.join(proc, pid, "stat")) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], fields[1]
+    except (OSError, IndexError):
+        return None
+
+
+def live_parents(proc: str, pids: list[str]) -> set[str]:
+    """The pids that have at least one live (non-zombie) child."""
+    out = set()
+    for pid in pids:
+        st = read_stat(proc, pid)
+        if st and st[0] not in ("Z", "X"):
+            out.add(st[1])
+    return out
+
+
 def ssh_sessions(proc: str, listener: str | None = None) -> list[str]:
-    """Titles of per-session sshd processes ("sshd: ubuntu@pts/0"), not the listener. With `listener`
+    """What keeps the node in use: interactive ssh logins ("sshd: ubuntu@pts/0"), ssh connections
+    running a command ("sshd: ubuntu@notty" with a child), SSM sessions ("ssm-session-worker ...").
+    An @notty connection without a child is an idle ssh ControlMaster: not a session. With `listener`
     (an sshd pid), only its sessions count: a sandbox node shares the host with other sshds."""
     found = []
     try:
-        names = os.listdir(proc)
+        names = [n for n in os.listdir(proc) if n.isdigit()]
     except OSError as exc:
         warn(f"cannot list {proc} ({exc})")
         return found
+    parents = None
     for name in names:
-        if not name.isdigit():
-            continue
         try:
             with open(os.path.join(proc, name, "cmdline"), "rb") as f:
                 raw = f.read()
@@ -238,7 +244,14 @@ def ssh_sessions(proc: str, listener: str | None = None) -> list[str]:
         if title.startswith(SSH_SESSION_PREFIXES) and "@" in title:
             if listener and not descends_from(proc, name, listener):
                 continue
+            if title.endswith("@notty"):
+                if parents is None:
+                    parents = live_parents(proc, names)
+                if name not in parents:
+                    continue  # an idle multiplexing master, kept open by ControlPersist
             found.append(title)
+        elif os.path.basename(title.split(" ", 1)[0]) == SSM_SESSION_WORKER and not listener:
+            found.append("ssm " + title.split(" ", 2)[1] if " " in title else "ssm session")
     return sorted(found)
 
 
@@ -278,6 +291,31 @@ def spot_notice(imds: str, timeout: float) -> tuple[str, dict | None]:
     return "notice", notice if isinstance(notice, dict) else {"raw": notice}
 
 
+def last_words(opts: argparse.Namespace, run: dict, state: dict) -> str:
+    """Before a shutdown with a run still active: SIGTERM its job (once, as a spot notice does) so it
+    can checkpoint, then wait (bounded) until its supervisor has done the final upload and cleared
+    active.json. What the run produced is in the bucket before the disk goes."""
+    run_id, pgid = run.get("run_id"), run.get("pgid") or run.get("pid")
+    key = f"{run_id}:{run.get('pid')}"
+    forwarded = key in (state.get("spot_forwarded"), load_state(spot_state_path(opts.state)).get("spot_forwarded"))
+    what = "its job already had a spot notice's SIGTERM" if forwarded else "its job has exited"
+    if not forwarded and contract.pid_alive(run.get("pid"), run.get("pid_start"), opts.proc):
+        try:
+            os.killpg(int(pgid), signal.SIGTERM)
+            what = f"sent SIGTERM to its process group {pgid}"
+        except (OSError, TypeError, ValueError) as exc:
+            what = f"SIGTERM to process group {pgid} failed: {exc}"
+    wait = float(opts.final_wait_s or 0)
+    log(f"run {run_id} is active: {what}; waiting up to {wait:g}s for its final upload before shutting down")
+    start = time.monotonic()
+    while active_run(opts.base, opts.proc) is not None and time.monotonic() - start < wait:
+        time.sleep(0.5)
+    took = time.monotonic() - start
+    if active_run(opts.base, opts.proc) is None:
+        return f"run {run_id} ended and its final upload is done after {took:.1f}s"
+    return f"run {run_id} still active after {took:.1f}s: shutting down anyway (the deadline is hard)"
+
+
 def run_shutdown(cmd: list[str]) -> str:
     try:
         out = subprocess.run(
@@ -288,6 +326,71 @@ def run_shutdown(cmd: list[str]) -> str:
     if out.returncode != 0:
         return f"shutdown command exited {out.returncode}: {out.stdout.strip()[:200]}"
     return "shutdown command ran"
+
+
+# --------------------------------------------------------------------------- spot
+
+
+def check_spot(opts: argparse.Namespace, state: dict, now: float, run: dict | None) -> str:
+    """Ask IMDS for a spot notice; on one, SIGTERM the active run's process group once (recorded in
+    `state`). Returns a "spot=..." word for the log line."""
+    try:
+        spot, notice = spot_notice(opts.imds, opts.imds_timeout)
+    except Exception as exc:  # whatever IMDS does, the caller's other checks must run
+        spot, notice = f"error: {type(exc).__name__}: {exc}", None
+    if spot == "none":
+        return "spot=none"
+    if spot != "notice":
+        return "spot=" + spot
+    what = f"{notice.get('action')} at {notice.get('time')}"
+    run_id = run.get("run_id") if run else None
+    key = f"{run_id}:{run.get('pid')}" if run else None
+    if run is None:
+        return f"spot=notice({what}; no active run)"
+    if state.get("spot_forwarded") == key:
+        return f"spot=notice({what}; SIGTERM already sent to run {run_id})"
+    pgid = run.get("pgid") or run.get("pid")
+    if opts.dry_run:
+        return f"spot=notice({what}; would SIGTERM process group {pgid})"
+    try:
+        os.killpg(int(pgid), signal.SIGTERM)
+        out = f"spot=notice({what}; sent SIGTERM to run {run_id}, process group {pgid})"
+    except (OSError, TypeError, ValueError) as exc:
+        out = f"spot=notice({what}; SIGTERM to {pgid} failed: {exc})"
+    state["spot_forwarded"] = key
+    state["spot_forwarded_at"] = now
+    return out
+
+
+def spot_state_path(state_path: str) -> str:
+    """The spot loop's own state file: the minute tick rewrites the main one (idle clock)."""
+    root, ext = os.path.splitext(state_path)
+    return f"{root}-spot{ext or '.json'}"
+
+
+def spot_poll(args: argparse.Namespace, every: float) -> int:
+    """`--spot-poll SECONDS`: watch for spot notices forever (remotefit-spot.service). Logs a line
+    when the answer changes, not every poll; a failed poll is logged and the loop goes on."""
+    polls, last = 0, None
+    while True:
+        try:
+            opts = resolve(args)
+            now = clock(args)
+            path = spot_state_path(opts.state)
+            state = load_state(path)
+            before = dict(state)
+            word = check_spot(opts, state, now, active_run(opts.base, opts.proc))
+            if state != before and not opts.dry_run:
+                save_state(path, state)
+        except Exception as exc:  # the loop must outlive any one bad poll
+            word = f"spot=error: poll failed: {type(exc).__name__}: {exc}"
+        if word != last:
+            log(f"{iso(time.time())} {word} (polling every {every:g}s)")
+            last = word
+        polls += 1
+        if args.max_ticks and polls >= args.max_ticks:
+            return 0
+        time.sleep(max(0.05, every))
 
 
 # --------------------------------------------------------------------------- tick
@@ -310,34 +413,10 @@ def tick(opts: argparse.Namespace, now: float) -> str:
 
     # Spot interruption first: it is the most time-critical.
     run = active_run(opts.base, opts.proc)
-    try:
-        spot, notice = spot_notice(opts.imds, opts.imds_timeout)
-    except Exception as exc:  # whatever IMDS does, the deadline/idle checks below must run
-        spot, notice = f"error: {type(exc).__name__}: {exc}", None
-    if spot == "notice":
-        what = f"{notice.get('action')} at {notice.get('time')}"
-        run_id = run.get("run_id") if run else None
-        key = f"{run_id}:{run.get('pid')}" if run else None
-        if run is None:
-            parts.append(f"spot=notice({what}; no active run)")
-        elif state.get("spot_forwarded") == key:
-            parts.append(f"spot=notice({what}; SIGTERM already sent to run {run_id})")
-        else:
-            pgid = run.get("pgid") or run.get("pid")
-            if opts.dry_run:
-                parts.append(f"spot=notice({what}; would SIGTERM process group {pgid})")
-            else:
-                try:
-                    os.killpg(int(pgid), signal.SIGTERM)
-                    parts.append(f"spot=notice({what}; sent SIGTERM to run {run_id}, process group {pgid})")
-                except (OSError, TypeError, ValueError) as exc:
-                    parts.append(f"spot=notice({what}; SIGTERM to {pgid} failed: {exc})")
-                state["spot_forwarded"] = key
-                state["spot_forwarded_at"] = now
-    elif spot == "none":
-        parts.append("spot=none")
+    if opts.spot_service:
+        parts.append("spot=polled-by-service")
     else:
-        parts.append("spot=" + spot)
+        parts.append(check_spot(opts, state, now, run))
 
     # Busy = live run or a logged-in ssh user.
     sessions = ssh_sessions(opts.proc, str(opts.sshd_pid) if opts.sshd_pid else None)
@@ -345,22 +424,24 @@ def tick(opts: argparse.Namespace, now: float) -> str:
     if run is not None:
         busy.append(f"run {run.get('run_id')} (pid {run.get('pid')})")
     if sessions:
-        busy.append(f"{len(sessions)} ssh session(s)")
+        busy.append(f"{len(sessions)} session(s): " + ", ".join(sessions[:3]))
     if busy:
         state["last_busy"] = now
     idle_ref = max(state["first_tick"], state.get("last_busy") or state["first_tick"])
     idle_for = max(0.0, now - idle_ref)
 
-    action, reason = "keep", None
+    # decision: which rule decided (deadline / idle -> shutdown; busy / waiting -> keep).
     if opts.deadline_epoch is not None and now >= opts.deadline_epoch:
-        action = "shutdown"
+        action, decision = "shutdown", "deadline"
         reason = f"deadline {iso(opts.deadline_epoch)} passed {minutes(now - opts.deadline_epoch)} ago"
     elif not busy and opts.idle_minutes is not None and opts.idle_minutes > 0 and idle_for >= opts.idle_minutes * 60:
-        action = "shutdown"
-        reason = f"idle for {minutes(idle_for)} >= {opts.idle_minutes:g}min (no active run, no ssh session)"
+        action, decision = "shutdown", "idle"
+        reason = f"idle for {minutes(idle_for)} >= {opts.idle_minutes:g}min (no active run, no session)"
     elif busy:
+        action, decision = "keep", "busy"
         reason = "busy: " + ", ".join(busy)
     else:
+        action, decision = "keep", "waiting"
         limit = f"{opts.idle_minutes:g}min" if opts.idle_minutes else "(idle check off)"
         reason = f"idle for {minutes(idle_for)} of {limit}"
     if action == "keep" and opts.deadline_epoch is not None:
@@ -370,6 +451,7 @@ def tick(opts: argparse.Namespace, now: float) -> str:
 
     state["last_tick"] = now
     state["last_action"] = action
+    state["last_decision"] = decision
     if action == "shutdown":
         state.setdefault("shutdown_first_requested_at", now)
     if not opts.dry_run:
@@ -381,10 +463,12 @@ def tick(opts: argparse.Namespace, now: float) -> str:
             result = f" (dry run: not running {shlex.join(opts.shutdown_cmd)})"
         else:
             # Logged before acting: the shutdown may take this process with it.
-            log(f"{iso(now)} action=shutdown reason={reason} {' '.join(parts)}")
+            log(f"{iso(now)} action=shutdown decision={decision} reason={reason} {' '.join(parts)}")
+            if run is not None:
+                log(last_words(opts, run, state))
             log(f"running {shlex.join(opts.shutdown_cmd)}: {run_shutdown(opts.shutdown_cmd)}")
             return action
-    log(f"{iso(now)} action={action} reason={reason} {' '.join(parts)}{result}")
+    log(f"{iso(now)} action={action} decision={decision} reason={reason} {' '.join(parts)}{result}")
     return action
 
 
@@ -406,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--now", type=float, help="fake current unix time (tests; also $REMOTEFIT_FAKE_NOW)")
     p.add_argument("--imds-timeout", type=float, default=2.0, help="seconds per IMDS request")
     p.add_argument("--loop", type=float, metavar="SECONDS", help="tick forever every SECONDS (no systemd)")
+    p.add_argument(
+        "--spot-poll",
+        type=float,
+        metavar="SECONDS",
+        help=f"only watch for spot notices, every SECONDS, forever (remotefit-spot.service; {SPOT_POLL_DEFAULT:g} s)",
+    )
     p.add_argument("--max-ticks", type=int, default=0, help=argparse.SUPPRESS)  # bounds --loop in tests
     p.add_argument("--dry-run", action="store_true", help="print the decision without acting")
     return p
@@ -426,6 +516,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     opts.state = str(cfg["state"])
     opts.shutdown_cmd = parse_shutdown_cmd(cfg["shutdown_cmd"])
     opts.started_epoch = as_float(cfg.get("started_epoch"), "started_epoch")
+    opts.spot_service = cfg.get("spot_service") is True
+    opts.final_wait_s = as_float(cfg.get("final_wait_s"), "final_wait_s") or 0.0
     return opts
 
 
@@ -440,16 +532,25 @@ def clock(args: argparse.Namespace) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Tick once (or every --loop seconds); exit TICK_CRASHED when the (last) tick crashed, else 0."""
     args = build_parser().parse_args(argv)
+    if args.spot_poll is not None:
+        return spot_poll(args, args.spot_poll)
     ticks = 0
     while True:
         try:
             tick(resolve(args), clock(args))
-        except Exception as exc:  # never let one bad tick kill the loop or fail the unit
-            print(f"watchdog: error: tick failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            code = 0
+        except Exception as exc:  # a crashed tick must not kill the loop, but it must not pass for a decision
+            code = TICK_CRASHED
+            print(
+                f"watchdog: error: tick crashed, nothing decided: {type(exc).__name__}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
         ticks += 1
         if args.loop is None or (args.max_ticks and ticks >= args.max_ticks):
-            return 0
+            return code
         time.sleep(max(1.0, args.loop) if not args.max_ticks else args.loop)
 
 
