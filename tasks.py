@@ -261,15 +261,20 @@ def start(c):
     nd.start(_ws(c))
 
 
-@task(help={"yes": "Do not ask for confirmation."})
+@task(help={"yes": "Do not ask for confirmation (an active run is stopped after its final upload)."})
 @_guard
 def destroy(c, yes=False):
     """Destroy every node of the stage and verify nothing tagged is left."""
+    from remotefit import jobs
     from remotefit import nodes as nd
 
     ws = _ws(c)
+    before = jobs.before_destroy(ws)
+    _say(before.lines(ws.settings.runs_bucket))
     if not yes:
-        _confirm(f"Destroy every node of stage {ws.stage}?")
+        stop = f"Stop run(s) {', '.join(before.active)} and destroy" if before.active else "Destroy"
+        _confirm(f"{stop} every node of stage {ws.stage}?")
+    _say(jobs.stop_for_destroy(ws, before))
     _say(nd.destroy(ws))
 
 
@@ -311,6 +316,8 @@ def sync(c, job, nodes=0):
         "env": "Forward a variable to the job: NAME (its value here) or NAME=VALUE; repeatable. "
         "Never written to a file here; prefer NAME (a VALUE shows in this machine's ps and shell history).",
         "tensorboard": "Serve TensorBoard for the run (job.toml tensorboard, default <outputs>/tb) through a tunnel.",
+        "resume": "Start from an earlier run's outputs in the runs bucket (its checkpoint): RUN_ID or latest.",
+        "max_recoveries": "On a spot interruption while attached: re-apply and resume at most N times (default 3; 0: never).",
     },
     iterable=["env"],
 )
@@ -328,6 +335,8 @@ def fit(
     cancel_on_interrupt=False,
     env=None,
     tensorboard=False,
+    resume=None,
+    max_recoveries=3,
 ):
     """Sync a job, run it on the nodes, stream its log and pull its outputs home."""
     from remotefit import jobs
@@ -352,6 +361,8 @@ def fit(
         paths=Paths.at(ROOT),
         secrets=secrets,
         tensorboard_flag=tensorboard,
+        resume=resume,
+        max_recoveries=_number(max_recoveries, "max-recoveries", int),
     )
     if code:
         raise Exit(code=code)
@@ -446,6 +457,21 @@ def sandbox_status(c):
         print(f"node {n.instance_id}: ssh on 127.0.0.1:{n.port} (pid {n.pid}, {'up' if n.alive() else 'dead'})")
 
 
+@task(
+    name="interrupt",
+    help={
+        "node": "Which node (default 0); it must be a spot node.",
+        "in_": "Seconds from the notice to the end of the instance (default 120, as on AWS).",
+    },
+)
+@_guard
+def sandbox_interrupt(c, node=0, in_=120.0):
+    """Interrupt a sandbox spot node as AWS would: a notice on its metadata service, then its end."""
+    from remotefit import nodes as nd
+
+    _say(nd.interrupt(_ws(c), _number(node, "node", int), _number(in_, "in", float)))
+
+
 # -- tunnels -------------------------------------------------------------------------------
 @task(
     name="open",
@@ -494,7 +520,7 @@ tunnel_ns = Collection("tunnel")
 tunnel_ns.add_task(tunnel_open, default=True)
 tunnel_ns.add_task(tunnel_list)
 tunnel_ns.add_task(tunnel_close)
-sandbox = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status)
+sandbox = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_interrupt)
 ns = Collection(
     check,
     env,

@@ -514,6 +514,10 @@ def keep_spec(ws: Workspace, job: Job, record: RunRecord, rank: int) -> dict[str
         "log_key": log_key(rank),
         "status_key": status_key(rank),
         "outputs": rank == 0,  # rank 0's outputs are the run's, as in a pull from the nodes
+        # `--resume`: rank 0 brings the earlier run's outputs (its checkpoint) back before the job starts.
+        "restore_from": run_prefix(ws.stage, job.name, record.resumed_from)
+        if rank == 0 and record.resumed_from
+        else None,
         "record": record.__dict__ if rank == 0 else None,
         "aws_env": {k: v for k, v in ws.aws_env().items() if k != "AWS_PROFILE"},
     }
@@ -594,6 +598,8 @@ class RunRecord:
     local: bool = False
     git_commit: str | None = None
     passed_env: list[str] = field(default_factory=list)  # names only, never values
+    resumed_from: str | None = None  # `--resume`: the run whose outputs this one started from
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # the attempts before this one, oldest first
 
     def save(self, directory: Path) -> None:
         atomic_write(directory / f"{self.run_id}.json", json.dumps(self.__dict__, indent=2))
@@ -658,6 +664,8 @@ def fit(
     paths: Paths | None = None,
     secrets: dict[str, str] | None = None,
     tensorboard_flag: bool = False,
+    resume: str | None = None,
+    max_recoveries: int = 0,
 ) -> int:
     """Sync, start, stream, pull. Returns the run's exit code (the first non-zero over the nodes).
     Ctrl-C while following detaches (or cancels, with cancel_on_interrupt) and returns 130; with
@@ -668,6 +676,8 @@ def fit(
     """
     if gpu and cpu:
         raise UserError("--gpu and --cpu both given; pick one")
+    if max_recoveries < 0:
+        raise UserError(f"--max-recoveries {max_recoveries}: give 0 (never recover) or more")
     want_gpu = gpu or (job.gpu and not cpu)
     paths = ws.paths if ws else (paths or Paths.at())
     if local:
@@ -699,6 +709,11 @@ def fit(
         assert ws is not None
         data.check_buckets(job.data, data.allowed_buckets(ws), str(job.path / "job.toml"))
     tb = tensorboard.plan(job, tensorboard_flag)
+    earlier = None
+    if resume is not None:
+        if local or ws is None:
+            raise UserError("--resume restores a run from the runs bucket onto nodes; it does not work with --local")
+        earlier = resume_source(ws, job, resume)
     # git's two calls and the data fetch run beside the sync (the fetch has its own connection and never
     # touches the synced files); all end before the run exists: a fetch that fails leaves nothing started.
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -719,7 +734,14 @@ def fit(
         local,
         commit.result(),
         sorted(secrets or {}),
+        resumed_from=earlier.run_id if earlier else None,
+        attempts=earlier.attempts if earlier else [],
     )
+    if earlier is not None:
+        echo(
+            f"resuming run {earlier.run_id} as attempt {len(earlier.attempts) + 1}: its outputs come back from the "
+            f"runs bucket onto {chosen[0].alias} before the job starts"
+        )
 
     def command(rank: int, t: Transport, then_follow: bool) -> tuple[str, str]:
         """(start command line, its stdin) for one rank."""
@@ -791,6 +813,28 @@ def fit(
     statuses = [status or {}] + [wait_status(t, run_id) for t in ts[1:]]
     codes = [code] + [_exit_of(st) for st in statuses[1:]]
     final = next((c for c in codes if c), 0)
+    hit = [t.node for t, st in zip(ts, statuses, strict=True) if st.get("spot_notice")]
+    if hit and ws is not None and not local:
+        said_interrupted(ws, record, hit, statuses[0])
+        if max_recoveries > 0:
+            from remotefit import nodes as nd
+
+            echo(
+                f"recovering run {run_id} ({max_recoveries - 1} more recover{'y' if max_recoveries == 2 else 'ies'} allowed after this one)"
+            )
+            nd.recover(ws, hit)
+            return fit(
+                ws, job, extra, gpu=gpu, cpu=cpu, nodes=nodes, cancel_on_interrupt=cancel_on_interrupt,
+                raise_interrupt=raise_interrupt, paths=paths, secrets=secrets, tensorboard_flag=tensorboard_flag,
+                resume=run_id, max_recoveries=max_recoveries - 1,
+            )  # fmt: skip
+        echo(
+            f"no recoveries left (--max-recoveries): resume by hand with `inv apply --spot`, then "
+            f"`inv fit {job.path} --resume {run_id}`"
+        )
+        kept = pull_kept(ws, record)  # the node is being reclaimed: its results are in the runs bucket
+        echo(f"run {run_id} was interrupted (exit code {final}); results in {kept}")
+        return final
     dest = pull_run(paths, record, ts, codes, statuses)
     echo(f"run {run_id} finished with exit code {final}; results in {dest}")
     for t, st in zip(ts, statuses, strict=True):
@@ -798,6 +842,28 @@ def fit(
         if warning:
             echo(warning)
     return final
+
+
+def said_interrupted(ws: Workspace, record: RunRecord, hit: list[Node], status: dict[str, Any]) -> None:
+    """The interruption in words: where, when AWS takes the node, what the attempt cost; its results are kept."""
+    notice = next((s for s in [status.get("spot_notice")] if isinstance(s, dict)), {}).get("notice") or {}
+    start, end = status.get("started_at"), status.get("ended_at")
+    took = _seconds(start, end)
+    spent = attempt_of(record.__dict__, start, end, status.get("exit_code"), took)["estimated_cost_usd"]
+    echo(
+        f"run {record.run_id}: spot interruption on {', '.join(n.alias for n in hit)} (AWS ends it at "
+        f"{notice.get('time', '?')}); the job was stopped and its final upload is done: the results are kept "
+        f"in the runs bucket {ws.settings.runs_bucket}"
+    )
+    if took is not None:
+        echo(
+            f"this attempt ran {took:.0f} s"
+            + (
+                f", about {cost.format_usd(spent)} at the on-demand list price (an upper bound)"
+                if spent is not None
+                else ""
+            )
+        )
 
 
 def kept_warning(status: dict[str, Any], run_id: str, alias: str) -> str | None:
@@ -1069,19 +1135,13 @@ def is_final(dest: Path) -> bool:
 def _run_json(record: RunRecord, statuses: list[dict[str, Any]], codes: list[int] | None) -> dict[str, Any]:
     s0 = statuses[0] if statuses else {}
     start, end = s0.get("started_at"), s0.get("ended_at")
-    duration = None
-    if start and end:
-        duration = (
-            dt.datetime.fromisoformat(end.replace("Z", "+00:00"))
-            - dt.datetime.fromisoformat(start.replace("Z", "+00:00"))
-        ).total_seconds()
+    duration = _seconds(start, end)
     codes = codes if codes is not None else [s.get("exit_code") for s in statuses]
     first_bad = next((c for c in codes if c), 0)
     n0 = record.nodes[0]
-    # The list price of the region the nodes ran in (their AZ without its letter); a spot run is estimated
-    # at that on-demand price too (an upper bound: run.json is written without asking EC2).
-    region = str(n0.get("availability_zone") or "us-east-1a")[:-1]
-    price = None if record.local else cost.hourly_price(n0["instance_type"], n0["market"], region).usd_per_hour  # type: ignore[arg-type]
+    this = attempt_of(record.__dict__, start, end, first_bad if statuses else None, duration)
+    attempts = [*record.attempts, this]
+    known = [a["estimated_cost_usd"] for a in attempts if a.get("estimated_cost_usd") is not None]
     return {
         "run_id": record.run_id,
         "job": record.job,
@@ -1101,12 +1161,98 @@ def _run_json(record: RunRecord, statuses: list[dict[str, Any]], codes: list[int
         "exit_codes": codes,
         # Written only once every node's run has ended (finished, or lost without an exit code).
         "final": bool(statuses) and all(s.get("state") in ("finished", "lost") for s in statuses),
+        "estimated_cost_usd": this["estimated_cost_usd"],
+        "resumed_from": record.resumed_from,
+        # Every attempt of the run so far (`--resume` chains them), this one last; the total adds them up.
+        "attempts": attempts,
+        "total_estimated_cost_usd": round(sum(known), 4) if known else None,
+    }
+
+
+def attempt_of(
+    record: dict[str, Any], start: str | None, end: str | None, exit_code: int | None, duration: float | None
+) -> dict[str, Any]:
+    """One attempt of a run, as run.json lists it. The list price of the region the nodes ran in (their AZ
+    without its letter); a spot run is estimated at that on-demand price too (an upper bound: run.json is
+    written without asking EC2)."""
+    nodes = record.get("nodes") or [{}]
+    n0 = nodes[0]
+    price = None
+    if not record.get("local") and n0.get("instance_type"):
+        region = str(n0.get("availability_zone") or "us-east-1a")[:-1]
+        price = cost.hourly_price(n0["instance_type"], n0.get("market") or "on-demand", region).usd_per_hour  # type: ignore[arg-type]
+    return {
+        "run_id": record.get("run_id"),
+        "nodes": [n.get("alias") for n in nodes],
+        "node_type": n0.get("instance_type"),
+        "market": n0.get("market"),
+        "start": start,
+        "end": end,
+        "exit_code": exit_code,
         "estimated_cost_usd": (
-            round(price * len(record.nodes) * duration / 3600, 4)
-            if price is not None and duration is not None
-            else None
+            round(price * len(nodes) * duration / 3600, 4) if price is not None and duration is not None else None
         ),
     }
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    if not (start and end):
+        return None
+    parse = dt.datetime.fromisoformat
+    return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
+
+
+@dataclass(frozen=True)
+class ResumeFrom:
+    run_id: str
+    attempts: list[dict[str, Any]]  # the attempts up to and including that run, oldest first
+
+
+def resume_source(ws: Workspace, job: Job, spec: str) -> ResumeFrom:
+    """`--resume RUN_ID|latest`: the run of this job in the runs bucket to start from, checked before anything
+    starts: it exists, it is this job's, and it no longer runs on a node."""
+    bucket = runs_bucket(ws)
+    if spec == "latest":
+        mine = [k for k in bucket.runs() if k.job == job.name]
+        if not mine:
+            raise UserError(
+                f"--resume latest: the runs bucket {bucket.bucket} holds no run of job {job.name} in stage "
+                f"{ws.stage}; start one with `inv fit {job.path}`"
+            )
+        kept = max(mine, key=lambda k: k.run_id.rsplit("-", 1)[0])  # `<job>-<UTC time>-<random>`
+    else:
+        if not RUN_ID_RE.fullmatch(spec):
+            raise UserError(f"--resume {spec!r} is not a run id (letters, digits, '.', '_', '-'); see `inv runs`")
+        kept = bucket.find(spec)
+        if kept is None:
+            raise UserError(
+                f"--resume {spec}: the runs bucket {bucket.bucket} has no run {spec} in stage {ws.stage}; "
+                "see `inv runs` for the ids"
+            )
+        if kept.job != job.name:
+            raise UserError(
+                f"--resume {spec}: run {spec} is a run of job {kept.job}, not {job.name}; resume it with its own "
+                "job folder"
+            )
+    from remotefit.inventory import inventory
+
+    ts = transports(ws, inventory(ws))
+    with ThreadPoolExecutor(max_workers=max(len(ts), 1)) as pool:
+        states = list(pool.map(lambda t: run_status(t, kept.run_id), ts))
+    running = [t.node.alias for t, st in zip(ts, states, strict=True) if st and st.get("state") == "running"]
+    if running:
+        raise UserError(
+            f"--resume {kept.run_id}: that run is still running on {', '.join(running)}; wait for it "
+            f"(`inv logs --run {kept.run_id} --follow`) or stop it (`inv cancel --run {kept.run_id}`) first"
+        )
+    record = bucket.record(kept.job, kept.run_id) or {"run_id": kept.run_id, "nodes": []}
+    status = kept.statuses.get(0) or {}
+    start = status.get("started_at") or record.get("started_at")
+    # A run cut short (spot, deadline before its final status) ends, as far as anyone knows, at its last upload.
+    end = status.get("ended_at") or bucket.last_upload(kept.job, kept.run_id)
+    before = [a for a in record.get("attempts") or [] if isinstance(a, dict)]
+    that = attempt_of(record, start, end, status.get("exit_code"), _seconds(start, end))
+    return ResumeFrom(kept.run_id, [*before, that])
 
 
 def _transports_for(ws: Workspace | None, record: RunRecord) -> list[Transport]:
@@ -1246,3 +1392,116 @@ def runs_table(ws: Workspace) -> list[str]:
     head = ("run", "where", "exit", "duration", "node")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]]
+
+
+# -- before a destroy ------------------------------------------------------------------------
+@dataclass
+class BeforeDestroy:
+    """What `inv destroy` would take with the nodes: runs still active, finished runs not pulled."""
+
+    active: dict[str, list[str]] = field(default_factory=dict)  # run id -> the aliases it runs on
+    kept: list[str] = field(default_factory=list)  # finished, not pulled, complete in the runs bucket
+    unkept: dict[str, str] = field(default_factory=dict)  # finished, not pulled, not kept: run id -> why
+    unanswered: list[str] = field(default_factory=list)  # nodes that did not answer (not checked)
+
+    def lines(self, bucket: str) -> list[str]:
+        out = []
+        for run_id, aliases in self.active.items():
+            out.append(
+                f"run {run_id} is still running on {', '.join(aliases)}: destroy stops it first (SIGTERM: a job "
+                "that checkpoints saves one) and waits for its final upload to the runs bucket"
+            )
+        for run_id in self.kept:
+            out.append(
+                f"run {run_id} is not pulled; its results are safe in the runs bucket {bucket}: "
+                f"`inv pull --run {run_id}` any time, also after destroy"
+            )
+        for run_id, why in self.unkept.items():
+            out.append(
+                f"run {run_id} is not pulled and is not kept in the runs bucket ({why}): its results go with "
+                f"the node; pull them first with `inv pull --run {run_id}`"
+            )
+        for alias in self.unanswered:
+            out.append(
+                f"{alias} did not answer (stopped, or terminated already): its runs were not checked; "
+                "`inv runs` lists what the runs bucket holds"
+            )
+        return out
+
+
+def before_destroy_of(
+    answers: dict[str, list[dict[str, Any]] | None], pulled: set[str], keeps: bool = True
+) -> BeforeDestroy:
+    """Sort the runs the nodes report (alias -> the runner's `status` list, None if it did not answer).
+    Pure. `keeps` is False for the local transport, whose runs are never lost with a node."""
+    out = BeforeDestroy()
+    finished: dict[str, list[dict[str, Any]]] = {}
+    for alias, statuses in answers.items():
+        if statuses is None:
+            out.unanswered.append(alias)
+            continue
+        for st in statuses:
+            if st.get("state") == "running":
+                out.active.setdefault(st["run_id"], []).append(alias)
+            elif st["run_id"] not in pulled:
+                finished.setdefault(st["run_id"], []).append(st)
+    for run_id, sts in finished.items():
+        if run_id in out.active or not keeps:
+            continue
+        kept = [st.get("kept") for st in sts]
+        if all(isinstance(k, dict) and k.get("complete") for k in kept):
+            out.kept.append(run_id)
+        else:
+            bad = next((k for k in kept if not (isinstance(k, dict) and k.get("complete"))), None)
+            errors = (bad or {}).get("errors") if isinstance(bad, dict) else None
+            out.unkept[run_id] = (
+                "its node recorded no upload"
+                if bad is None
+                else f"its final upload was incomplete: {errors[0] if errors else 'no final upload'}"
+            )
+    return out
+
+
+def pulled_runs(paths: Paths) -> set[str]:
+    """Run ids with a complete pulled folder under runs/<job>/."""
+    return {d.name for d in paths.runs.glob("*/*") if d.is_dir() and is_final(d)}
+
+
+def before_destroy(ws: Workspace) -> BeforeDestroy:
+    """Ask every node of the stage (one connection each, side by side) what a destroy would take."""
+    from remotefit.inventory import inventory
+
+    ts = transports(ws, inventory(ws))
+    with ThreadPoolExecutor(max_workers=max(len(ts), 1)) as pool:
+        answers = dict(zip([t.node.alias for t in ts], pool.map(run_status, ts), strict=True))
+    return before_destroy_of(answers, pulled_runs(ws.paths))
+
+
+def stop_for_destroy(ws: Workspace, before: BeforeDestroy) -> list[str]:
+    """Cancel the active runs on their nodes; the runner's cancel returns once the run's exit code is
+    recorded, which comes after its final upload. Says, per run, whether it is kept."""
+    from remotefit.inventory import inventory
+
+    by_alias = {t.node.alias: t for t in transports(ws, inventory(ws))}
+    out = []
+    for run_id, aliases in before.active.items():
+        echo(f"stopping run {run_id} on {', '.join(aliases)} and waiting for its final upload ...")
+        for alias in aliases:
+            t = by_alias[alias]
+            res = run(t.argv(t.runner("cancel", "--run-id", run_id)), capture=True, check=False)
+            if res.returncode != 0:
+                why = contract.runner_error(res.stderr, f"exit {res.returncode}")
+                out.append(f"{alias}: could not stop run {run_id}: {why}")
+                continue
+            st = run_status(t, run_id) or {}
+            kept = st.get("kept")
+            if isinstance(kept, dict) and kept.get("complete"):
+                out.append(
+                    f"{alias}: stopped run {run_id} (exit code {st.get('exit_code')}); it is kept in the runs bucket"
+                )
+            else:
+                out.append(
+                    kept_warning(st, run_id, alias)
+                    or f"warning: {alias} stopped run {run_id} but recorded no upload of it to the runs bucket"
+                )
+    return out

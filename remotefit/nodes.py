@@ -14,7 +14,7 @@ import re
 import shlex
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -595,10 +595,25 @@ def apply(
         raise
 
 
+def _spec_file(ws: Workspace) -> Path:
+    return ws.paths.generated / "node_spec.json"
+
+
+def last_spec(ws: Workspace) -> NodeSpec | None:
+    """What the last `inv apply` asked for (the spec, not where it landed): a spot recovery applies it again,
+    with the same capacity fallbacks."""
+    try:
+        raw = json.loads(_spec_file(ws).read_text())
+        return NodeSpec(**{**raw, "data_buckets": tuple(raw.get("data_buckets") or ())})
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def _apply(
     ws: Workspace, spec: NodeSpec, refresh_ami: bool, wait: bool, confirm: Callable[[str], None] | None
 ) -> list[Node]:
     azs = preflight_checks(ws, spec)
+    atomic_write(_spec_file(ws), json.dumps(asdict(spec), indent=2))
     for line in cost_lines(ws, spec):
         echo(line)
     ensure_key(ws.paths.generated, ws.stage)
@@ -1098,3 +1113,66 @@ def ssh_interactive(ws: Workspace, index: int) -> int:
     import subprocess
 
     return subprocess.call(ssh_argv(ws.paths.ssh_config, n.alias, tty=True))  # noqa: S603
+
+
+# -- sandbox: spot interruptions on demand ----------------------------------------------------
+def interrupt(ws: Workspace, index: int, seconds: float) -> list[str]:
+    """`inv sandbox.interrupt`: a spot interruption of one sandbox node, as AWS delivers it: the notice on
+    the node's metadata service now, the instance (and its disk) gone `seconds` later."""
+    if not ws.settings.is_sandbox:
+        raise UserError(
+            "`inv sandbox.interrupt` works on the sandbox only; on AWS the interruptions come from AWS "
+            "(to rehearse one, AWS FIS's aws:ec2:send-spot-instance-interruptions action)"
+        )
+    if seconds < 0:
+        raise UserError(f"--in {seconds:g}: give the seconds from the notice to the end, 0 or more (AWS: 120)")
+    nodes = require_nodes(ws)
+    if not 0 <= index < len(nodes):
+        raise UserError(f"--node {index}: stage {ws.stage} has nodes 0..{len(nodes) - 1}")
+    n = nodes[index]
+    if n.market != "spot":
+        raise UserError(
+            f"{n.alias} is an on-demand node: only spot nodes get interruption notices (`inv apply --spot`)"
+        )
+    when = ws.sandbox.interrupt(n.instance_id, seconds, str(ws.endpoint), ws.settings.AWS_REGION)
+    return [
+        f"{n.alias}: spot interruption notice posted (terminate at {when}); the running job gets SIGTERM within "
+        f"5 s, and the instance and its disk are gone in {seconds:g} s"
+    ]
+
+
+# -- spot recovery ------------------------------------------------------------------------------
+def recover(ws: Workspace, interrupted: list[Node]) -> list[Node]:
+    """After a spot interruption whose final upload is done: end the interrupted instances now (AWS reclaims
+    them within two minutes anyway; waiting would only resume on a dying node), then apply the last spec
+    again, with apply's capacity fallbacks. Returns the new nodes."""
+    spec = last_spec(ws)
+    if spec is None:
+        raise UserError(
+            "cannot recover: generated/node_spec.json (what `inv apply` asked for) is missing; "
+            "run `inv apply --spot ...` again, then `inv fit JOB --resume latest`"
+        )
+    ids = [n.instance_id for n in interrupted]
+    started = time.monotonic()
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        ws.client("ec2").terminate_instances(InstanceIds=ids)
+    except (ClientError, BotoCoreError) as exc:
+        raise UserError(f"cannot recover: TerminateInstances on {', '.join(ids)} failed: {exc}") from None
+    deadline = time.monotonic() + 300
+    while True:
+        states = [i["State"]["Name"] for i in _describe(ws, ids)]
+        if all(st in ("shutting-down", "terminated") for st in states):
+            break
+        if time.monotonic() > deadline:
+            raise UserError(f"cannot recover: {', '.join(ids)} still not terminated after 5 minutes ({states})")
+        time.sleep(2)
+    echo(f"recovery: ended {', '.join(n.alias for n in interrupted)} ({time.monotonic() - started:.0f} s)")
+    if len(interrupted) == len(inventory(ws)):
+        # Nothing of the stage runs: apply may look for capacity anywhere, not only where it was just reclaimed.
+        _inventory_file(ws).unlink(missing_ok=True)
+    started = time.monotonic()
+    nodes = apply(ws, spec)
+    echo(f"recovery: {len(nodes)} node(s) ready after {time.monotonic() - started:.0f} s ({nodes[0].market})")
+    return nodes

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,14 @@ class RunsBucket:
 
     def record(self, job: str, run_id: str) -> dict[str, Any] | None:
         return self._json(f"{run_prefix(self.stage, job, run_id)}/{RECORD}")
+
+    def last_upload(self, job: str, run_id: str) -> str | None:
+        """When the run's newest object arrived (ISO 8601, UTC): the end of a run cut short, as far as
+        anyone can know."""
+        times = [
+            o["LastModified"] for o in self._list(run_prefix(self.stage, job, run_id) + "/") if o.get("LastModified")
+        ]
+        return max(times).astimezone(UTC).isoformat() if times else None
 
     def log(self, job: str, run_id: str, rank: int = 0) -> bytes | None:
         from botocore.exceptions import ClientError

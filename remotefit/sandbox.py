@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,7 +178,8 @@ class Sandbox:
             start = log.stat().st_size if log.exists() else 0
             # Its own session: it survives the invoke process; `sandbox.down` stops it.
             proc = spawn_daemon(
-                [sys.executable, "-m", "remotefit.sandbox", "moto", "--port", str(port)],
+                [sys.executable, "-m", "remotefit.sandbox", "moto", "--port", str(port)]
+                + ([] if fresh else ["--hold"]),
                 log,
                 env={
                     "MOTO_IAM_LOAD_MANAGED_POLICIES": "true",
@@ -222,6 +224,7 @@ class Sandbox:
             _post(f"{srv.endpoint}/moto-api/seed?a={MOTO_SEED}")  # recorded: the replay starts with it
             return ""
         lines = replay(self.recording, srv.endpoint)
+        _post(f"{srv.endpoint}{READY_PATH}")  # the replay is whole: serve the nodes' clients again
         adopted = [n.instance_id for n in self.nodes() if n.alive() and self._repoint_watchdog(n, srv.endpoint)]
         return f"; restored the previous server's state ({lines} recorded requests)" + (
             f", re-adopted node(s) {', '.join(adopted)}" if adopted else ""
@@ -336,7 +339,9 @@ class Sandbox:
             raise UserError(f"sandbox sshd for {instance_id} did not start: {last}")
         node = SandboxNode(instance_id=instance_id, port=port, pid=proc.pid, user=user, workdir=str(home / "remotefit"))
         if endpoint:  # only once the node is reachable: a failed start leaves no watchdog looping
+            node.imds_pid, node.imds_port = self._start_imds(d, instance_id, endpoint, region)
             node.watchdog_pid = self._start_watchdog(d, node, endpoint, region, max_hours, idle_minutes)
+            node.spot_pid = self._spawn_spot_poll(d, node)
         atomic_write(d / "node.json", json.dumps(asdict(node)))
         return node
 
@@ -360,7 +365,10 @@ class Sandbox:
             idle_minutes=idle,
             started_epoch=now,
             base=node.workdir,
-            imds="http://127.0.0.1:9",  # no metadata service on loopback: spot checks are no-ops here
+            # The node's own metadata service (sandbox_imds), where `inv sandbox.interrupt` posts spot notices;
+            # the spot poller watches it every 5 s, as remotefit-spot.service does on EC2.
+            imds=f"http://127.0.0.1:{node.imds_port}" if node.imds_port else "http://127.0.0.1:9",
+            spot_service=bool(node.imds_port),
             state=str(d / "watchdog-state.json"),
             shutdown_cmd=[
                 sys.executable,
@@ -396,6 +404,84 @@ class Sandbox:
         proc = spawn_daemon(argv, d / "watchdog.log")
         return proc.pid
 
+    def _spawn_spot_poll(self, d: Path, node: SandboxNode) -> int | None:
+        if not node.imds_port:
+            return None
+        argv = [sys.executable, str(NODE_DIR / "watchdog.py"), "--config", str(d / "watchdog.json")]
+        argv += ["--spot-poll", "5", "--imds-timeout", "0.5"]
+        return spawn_daemon(argv, d / "spot.log").pid
+
+    def _start_imds(self, d: Path, instance_id: str, endpoint: str, region: str) -> tuple[int, int]:
+        """The node's metadata service (remotefit.sandbox_imds), with what EC2 says of the instance."""
+        import boto3
+
+        from remotefit.sandbox_imds import FACTS, PORT_FILE
+
+        facts = {"instance_id": instance_id, "region": region, "local_ipv4": "127.0.0.1"}
+        try:
+            ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name=region, **_boto_creds())
+            inst = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+            facts["instance_type"] = inst.get("InstanceType", "")
+            facts["availability_zone"] = inst.get("Placement", {}).get("AvailabilityZone", "")
+            profile = inst.get("IamInstanceProfile", {}).get("Arn", "").rsplit("/", 1)[-1]
+            if profile:
+                iam = boto3.client("iam", endpoint_url=endpoint, region_name=region, **_boto_creds())
+                roles = iam.get_instance_profile(InstanceProfileName=profile)["InstanceProfile"]["Roles"]
+                facts["role"] = roles[0]["RoleName"] if roles else ""
+        except Exception as exc:  # noqa: BLE001 - the node still boots; its metadata says less
+            facts["note"] = f"instance not described: {exc}"
+        atomic_write(d / FACTS, json.dumps(facts))
+        (d / PORT_FILE).unlink(missing_ok=True)
+        proc = spawn_daemon([sys.executable, "-m", "remotefit.sandbox_imds", "--dir", str(d)], d / "imds.log")
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and not (d / PORT_FILE).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            return proc.pid, int((d / PORT_FILE).read_text())
+        except (OSError, ValueError):
+            stop_pid(proc.pid, "sandbox_imds")
+            tail = (d / "imds.log").read_text(errors="replace").strip().splitlines()[-1:]
+            raise UserError(
+                f"sandbox metadata service for {instance_id} did not start: {tail or 'no output'}"
+            ) from None
+
+    def _stop_helpers(self, node: SandboxNode) -> None:
+        """The node's metadata service and spot poller: off with the machine."""
+        if node.spot_pid:
+            stop_pid(node.spot_pid, "--spot-poll", grace=3)
+        if node.imds_pid:
+            stop_pid(node.imds_pid, "sandbox_imds", grace=3)
+
+    def interrupt(self, instance_id: str, seconds: float, endpoint: str, region: str) -> str:
+        """What AWS does to a spot instance it reclaims: the notice on the node's IMDS now (action terminate
+        at now + seconds), then the instance terminated at that time, its disk with it (a detached
+        `interrupt-at` process does that part, so the caller need not wait)."""
+        from remotefit.sandbox_imds import NOTICE
+
+        node = self.node(instance_id)
+        if node is None or not node.alive():
+            raise UserError(f"sandbox node {instance_id} is not running; `inv status` shows the nodes")
+        if not node.imds_port:
+            raise UserError(
+                f"sandbox node {instance_id} has no metadata service (started by an older remotefit): `inv apply` again"
+            )
+        d = self.nodes_dir / instance_id
+        at = time.time() + seconds
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+        atomic_write(d / NOTICE, json.dumps({"action": "terminate", "time": when}))
+        argv = [sys.executable, "-m", "remotefit.sandbox", "interrupt-at", "--dir", str(self.dir)]
+        argv += ["--endpoint", endpoint, "--region", region, "--at", str(at), instance_id]
+        spawn_daemon(argv, d / "interrupt.log")
+        return when
+
+    def reclaim(self, instance_id: str, endpoint: str, region: str) -> None:
+        """The end of a spot interruption: the instance terminated and its root volume (the working
+        folder) gone."""
+        node = self.node(instance_id)
+        self.self_terminate(instance_id, endpoint, region)
+        if node is not None:
+            shutil.rmtree(node.workdir, ignore_errors=True)
+
     def self_terminate(self, instance_id: str, endpoint: str, region: str) -> None:
         """What `shutdown -h now` does to an instance whose shutdown behaviour is terminate."""
         import boto3
@@ -407,12 +493,14 @@ class Sandbox:
             _stop_active_run(Path(node.workdir))
             stop_sshd(node.pid)
             (self.nodes_dir / instance_id / "node.json").unlink(missing_ok=True)
+            self._stop_helpers(node)
             if node.watchdog_pid and pid_alive(node.watchdog_pid, "watchdog"):
                 os.kill(node.watchdog_pid, signal.SIGTERM)  # the machine is "off": its watchdog too
 
     def stop_node(self, node: SandboxNode) -> bool:
         if node.watchdog_pid:
             stop_pid(node.watchdog_pid, "watchdog", grace=3)
+        self._stop_helpers(node)
         _stop_active_run(Path(node.workdir))  # a terminated machine runs no jobs
         stopped = stop_sshd(node.pid)
         f = self.nodes_dir / node.instance_id / "node.json"
@@ -432,6 +520,9 @@ class SandboxNode:
     user: str
     workdir: str
     watchdog_pid: int | None = None
+    imds_pid: int | None = None  # its metadata service (sandbox_imds)
+    imds_port: int | None = None
+    spot_pid: int | None = None  # its spot-notice poller (watchdog.py --spot-poll)
 
     def alive(self) -> bool:
         return pid_alive(self.pid, "sshd") and _port_open(self.port)
@@ -508,6 +599,7 @@ def replay(recording: Path, endpoint: str) -> int:
                 for k, v in entry.get("headers", {}).items()
                 if k.lower() not in ("transfer-encoding", "host", "expect")
             }
+            headers[RESTORE_HEADER] = "restore"  # through the held server's gate
             # requests, as moto's own replay uses: urllib would add a form Content-Type to bodies that
             # have none, and the server would then read them as a form (seen: lost S3 bodies).
             requests.request(entry["method"], url, headers=headers, data=body, timeout=60)
@@ -552,10 +644,19 @@ def _boto_creds() -> dict[str, str]:
     }
 
 
-def serve_moto(port: int) -> None:
+RESTORE_HEADER = "x-remotefit-sandbox"  # on the laptop's replay requests: they pass a held server's gate
+READY_PATH = "/remotefit-sandbox/ready"  # opens the gate once the replay is done
+
+
+def serve_moto(port: int, hold: bool = False) -> None:
     """moto's own server, but handling one request at a time: its recorder then logs requests in
     the order they drew IDs from the seeded generator, and a replay rebuilds the same IDs (with
-    Terraform's parallel requests interleaving, it would not)."""
+    Terraform's parallel requests interleaving, it would not).
+
+    With `hold` (a server that is to be restored), every request but the replay's and moto's control
+    calls is answered 503 (as AWS answers when it cannot serve now: every SDK retries it) until the replay
+    is done: a node's uploader must never see the empty world of a half-restored server (a NoSuchBucket
+    is final for it), nor slip a request in between the replayed ones."""
     import threading
     from collections import OrderedDict
 
@@ -569,7 +670,25 @@ def serve_moto(port: int) -> None:
     lock = threading.Lock()
     answered: OrderedDict[str, tuple[str, list[Any], list[bytes]]] = OrderedDict()
 
+    gate = threading.Event()
+    if not hold:
+        gate.set()
+
     def serial(environ: Any, start_response: Any) -> Any:
+        if not gate.is_set():
+            path = environ.get("PATH_INFO", "")
+            if path == READY_PATH:
+                gate.set()
+                print("sandbox: restored; serving every client again", flush=True)
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ready"]
+            if not (environ.get("HTTP_X_REMOTEFIT_SANDBOX") == "restore" or path.startswith("/moto-api/")):
+                body = b"<Error><Code>ServiceUnavailable</Code><Message>sandbox restoring its state</Message></Error>"
+                start_response("503 Service Unavailable", [("Content-Type", "application/xml"), ("Retry-After", "1")])
+                return [body]
+        return _serial(environ, start_response)
+
+    def _serial(environ: Any, start_response: Any) -> Any:
         # An SDK retry of a call this server already carried out (its answer lost on a loaded machine) gets
         # that answer again instead of running twice: a second AddRoleToInstanceProfile, say, would fail with
         # LimitExceeded and fail the apply for a sandbox hiccup. Both SDKs mark retries (amz-sdk-request:
@@ -612,11 +731,23 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--endpoint", required=True, help="the moto server endpoint")
     st.add_argument("--region", required=True, help="the region of the instance")
     st.add_argument("instance_id", help="the instance that shuts itself down")
+    ia = sub.add_parser("interrupt-at", help="reclaim a spot node at a time, as AWS does after its notice")
+    ia.add_argument("--dir", required=True, help="the sandbox directory (Paths.sandbox_dir)")
+    ia.add_argument("--endpoint", required=True, help="the moto server endpoint")
+    ia.add_argument("--region", required=True, help="the region of the instance")
+    ia.add_argument("--at", type=float, required=True, help="when (epoch seconds)")
+    ia.add_argument("instance_id", help="the instance to reclaim")
     mo = sub.add_parser("moto", help="serve moto on loopback, one request at a time (a replayable order)")
     mo.add_argument("--port", type=int, required=True, help="the loopback port to listen on")
+    mo.add_argument("--hold", action="store_true", help="answer 503 to all but the replay until it is done")
     args = p.parse_args(argv)
     if args.cmd == "moto":
-        serve_moto(args.port)
+        serve_moto(args.port, hold=args.hold)
+        return 0
+    if args.cmd == "interrupt-at":
+        time.sleep(max(0.0, args.at - time.time()))
+        Sandbox(Path(args.dir)).reclaim(args.instance_id, args.endpoint, args.region)
+        print(f"sandbox: {args.instance_id} reclaimed (spot interruption)")
         return 0
     Sandbox(Path(args.dir)).self_terminate(args.instance_id, args.endpoint, args.region)
     print(f"sandbox: {args.instance_id} terminated itself")

@@ -4,6 +4,7 @@ and after its nodes are gone, and a pull from there is the same as a pull from t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Project
-from tests.test_e2e_faults import make_job, run_id_of
+from tests.test_e2e_faults import make_job, one_error_line, run_id_of, workdir
 
 pytestmark = pytest.mark.e2e
 
@@ -173,3 +174,229 @@ def test_the_deadline_ends_a_training_run_after_its_checkpoint_is_in_the_bucket(
     assert (run / "last.ckpt").read_bytes() == b"step 41" * 10_000  # outputs land in the run folder
     assert json.loads((run / "run.json").read_text())["exit_code"] == 143
     assert "checkpointed on SIGTERM" in (run / "log").read_text()
+
+
+# Counts steps into its outputs, resuming from the count there; on SIGTERM it saves the count and exits 143.
+# Only a first attempt takes its time (PAUSE per step): a resumed one runs to the end at once.
+COUNTS = """\
+import os, signal, sys, time
+path = os.path.join(os.environ["REMOTEFIT_OUTPUTS"], "step.txt")
+step = int(open(path).read()) if os.path.exists(path) else 0
+resumed_at = step
+print(f"starting at step {step}", flush=True)
+def save():
+    with open(path + ".new", "w") as f:
+        f.write(str(step))
+    os.replace(path + ".new", path)
+def on_term(*_):
+    save()
+    print(f"checkpointed at step {step}", flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, on_term)
+while step < int(os.environ.get("STEPS", "40")):
+    step += 1
+    save()
+    time.sleep(float(os.environ.get("PAUSE", "0")) if resumed_at == 0 else 0)
+print(f"done at step {step}", flush=True)
+"""
+
+
+def test_resume_restores_the_outputs_from_the_bucket_and_records_both_attempts(cluster: Project, tmp_path: Path):
+    cluster.inv("apply", "--yes", timeout=300)  # (again, after a test that ended the node)
+    job = make_job(tmp_path, "counts", {"train.py": COUNTS, "job.toml": 'sync_every = 1\n[env]\nPAUSE = "0.25"\n'})
+    # Bad inputs first: one line each, nothing started.
+    one_error_line(cluster.inv("fit", str(job), "--resume", "latest", check=False), "holds no run of job counts")
+    one_error_line(cluster.inv("fit", str(job), "--resume", "../x", check=False), "'../x' is not a run id")
+    one_error_line(cluster.inv("fit", str(job), "--resume", "counts-1-ab", check=False), "has no run counts-1-ab")
+    s3 = cluster.workspace().client("s3")
+    other = "other-20261201-000000-abcd"  # another job's run, as its node would have kept it
+    s3.put_object(Bucket=BUCKET, Key=f"test/other/{other}/record.json", Body=json.dumps({"run_id": other}).encode())
+    one_error_line(cluster.inv("fit", str(job), "--resume", other, check=False), "is a run of job other, not counts")
+    one_error_line(cluster.inv("fit", str(job), "--local", "--resume", "latest", check=False), "--local")
+
+    first = run_id_of(cluster.inv("fit", str(job), "--detach", timeout=120).stderr)
+    wait_keys(cluster, f"test/counts/{first}/", {"outputs/step.txt"})
+    one_error_line(
+        cluster.inv("fit", str(job), "--resume", first, check=False, timeout=120),
+        f"--resume {first}: that run is still running on rf-test-0",
+    )
+    cluster.inv("cancel", "--run", first, timeout=300)
+    kept = bucket_keys(cluster, f"test/counts/{first}/")
+    saved = int(kept["outputs/step.txt"])
+    assert 0 < saved < 40 and json.loads(kept["status/node-0.json"])["exit_code"] == 143
+    # As on a new node: nothing of the first attempt is left on this one.
+    cluster.ssh("rf-test-0", f"rm -rf {workdir(cluster)}/outputs/{first}")
+
+    res = cluster.inv("fit", str(job), "--resume", "latest", timeout=300)
+    assert f"resuming run {first} as attempt 2" in res.stderr, res.stderr
+    assert f"starting at step {saved}\n" in res.stdout and "done at step 40" in res.stdout, res.stdout
+    second = run_id_of(res.stderr)
+    run = cluster.runs / "counts" / second
+    assert (run / "step.txt").read_text() == "40"
+    info = json.loads((run / "run.json").read_text())
+    assert info["resumed_from"] == first and info["exit_code"] == 0
+    attempts = info["attempts"]
+    assert [a["run_id"] for a in attempts] == [first, second]
+    assert attempts[0]["exit_code"] == 143 and attempts[0]["nodes"] == ["rf-test-0"]
+    assert attempts[0]["start"] and attempts[0]["end"] and attempts[1]["start"]
+    assert info["total_estimated_cost_usd"] == round(sum(a["estimated_cost_usd"] for a in attempts), 4)
+    # The resumed run's own results, also the restored checkpoint, are kept under its own id.
+    assert bucket_keys(cluster, f"test/counts/{second}/")["outputs/step.txt"] == b"40"
+
+
+def test_a_spot_interruption_keeps_the_checkpoint_and_resume_finishes_on_a_new_node(cluster: Project, tmp_path: Path):
+    """`inv sandbox.interrupt` delivers what AWS does: a notice on the node's IMDS (the job gets SIGTERM and
+    checkpoints; its final upload lands), then the instance and its disk are gone. The README's recovery by
+    hand (apply the same spec, fit --resume latest) continues from the saved step on a new node."""
+    cluster.inv("apply", "--spot", "--yes", timeout=400)
+    (node,) = cluster.workspace().sandbox.nodes()
+    assert node.imds_port and node.spot_pid  # the node's metadata service and its spot poller
+    toml = 'sync_every = 1\n[env]\nPAUSE = "0.25"\nSTEPS = "2000"\n'
+    job = make_job(tmp_path, "spotty", {"train.py": COUNTS, "job.toml": toml})
+    first = run_id_of(cluster.inv("fit", str(job), "--detach", timeout=120).stderr)
+    prefix = f"test/spotty/{first}/"
+    wait_keys(cluster, prefix, {"outputs/step.txt"})
+    notice = time.monotonic()
+    res = cluster.inv("sandbox.interrupt", "--in", "30", timeout=60)
+    assert "rf-test-0: spot interruption notice posted" in res.stdout, res.stdout
+    kept = wait_keys(cluster, prefix, {"status/node-0.json"}, timeout=60)  # the checkpoint, then the end
+    took = time.monotonic() - notice
+    assert json.loads(kept["status/node-0.json"])["exit_code"] == 143
+    saved = int(kept["outputs/step.txt"])
+    assert 0 < saved < 2000 and b"checkpointed at step" in kept["logs/node-0.log"]
+    print(f"spot notice -> checkpoint and final status in the bucket: {took:.1f} s")
+    deadline = time.monotonic() + 90
+    while True:  # reclaimed at the notice's time: terminated, its disk gone
+        row = next(x for x in cluster.inv("status", timeout=120).stdout.splitlines() if x.startswith("rf-test-0"))
+        if " terminated " in row:
+            break
+        assert time.monotonic() < deadline, row
+        time.sleep(2)
+    assert not Path(node.workdir).exists()
+
+    cluster.inv("apply", "--spot", "--yes", timeout=400)
+    (again,) = cluster.workspace().sandbox.nodes()
+    assert again.instance_id != node.instance_id
+    res = cluster.inv("fit", str(job), "--resume", "latest", timeout=300)
+    assert f"resuming run {first} as attempt 2" in res.stderr, res.stderr
+    assert f"starting at step {saved}\n" in res.stdout and "done at step 2000" in res.stdout, res.stdout
+    info = json.loads((cluster.runs / "spotty" / run_id_of(res.stderr) / "run.json").read_text())
+    assert [(a["market"], a["exit_code"]) for a in info["attempts"]] == [("spot", 143), ("spot", 0)]
+
+
+def test_an_attached_fit_recovers_from_a_spot_interruption_and_finishes(cluster: Project, tmp_path: Path):
+    """`inv fit` following a spot run: the notice ends the attempt (checkpoint kept), fit re-applies the same
+    spec and resumes the run on the new node, which finishes; run.json shows both attempts."""
+    import subprocess
+
+    from tests.conftest import INV
+
+    cluster.inv("apply", "--spot", "--yes", timeout=400)
+    (node,) = cluster.workspace().sandbox.nodes()
+    toml = 'sync_every = 1\n[env]\nPAUSE = "0.25"\nSTEPS = "2000"\n'
+    job = make_job(tmp_path, "recovers", {"train.py": COUNTS, "job.toml": toml})
+    fit = subprocess.Popen(
+        [INV, "fit", str(job), "--max-recoveries", "1"],
+        cwd=cluster.cwd, env=cluster.env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not any(k.endswith("/outputs/step.txt") for k in bucket_keys(cluster, "test/recovers/")):
+            assert time.monotonic() < deadline and fit.poll() is None, "the first attempt never checkpointed"
+            time.sleep(0.5)
+        cluster.inv("sandbox.interrupt", "--in", "60", timeout=60)
+        out, err = fit.communicate(timeout=600)
+    finally:
+        fit.kill()
+    assert fit.returncode == 0, out + err
+    first = run_id_of(err)
+    assert "spot interruption on rf-test-0" in err and f"recovering run {first}" in err, err
+    assert "recovery: 1 node(s) ready" in err and f"resuming run {first} as attempt 2" in err, err
+    saved = int(bucket_keys(cluster, f"test/recovers/{first}/")["outputs/step.txt"])
+    assert 0 < saved < 2000 and f"starting at step {saved}\n" in out and "done at step 2000" in out, out
+    (again,) = cluster.workspace().sandbox.nodes()
+    assert again.instance_id != node.instance_id
+    second = re.search(r"run (\S+) finished with exit code 0", err).group(1)
+    info = json.loads((cluster.runs / "recovers" / second / "run.json").read_text())
+    assert info["resumed_from"] == first and [a["exit_code"] for a in info["attempts"]] == [143, 0]
+
+
+# Trains (ticks) while S3 is away, writes one output before and one after the gate.
+TICKS = """\
+import os, time
+os.makedirs("outputs", exist_ok=True)
+with open("outputs/before.bin", "wb") as f:
+    f.write(os.urandom(100_000))
+print("before written", flush=True)
+ticks = 0
+while not os.path.exists(os.environ["GATE"]):
+    ticks += 1
+    print(f"tick {ticks}", flush=True)  # the log changes: each pass has something to send
+    time.sleep(0.5)
+with open("outputs/after.bin", "wb") as f:
+    f.write(os.urandom(100_000))
+print(f"ticked {ticks} times; after written", flush=True)
+"""
+
+
+def test_the_runs_bucket_unreachable_for_a_while_mid_run(cluster: Project, tmp_path: Path):
+    """S3 goes away mid-run (the sandbox's moto server killed): the job trains on, the uploader retries, and
+    once S3 is back (the same address, as AWS's endpoints never move) the run's state in the bucket is whole."""
+    import os
+    import signal
+
+    cluster.inv("apply", "--yes", timeout=400)
+    gate = tmp_path / "gate"
+    job = make_job(tmp_path, "s3away", {"train.py": TICKS, "job.toml": f'sync_every = 1\n[env]\nGATE = "{gate}"\n'})
+    run_id = run_id_of(cluster.inv("fit", str(job), "--detach", timeout=120).stderr)
+    prefix = f"test/s3away/{run_id}/"
+    wait_keys(cluster, prefix, {"outputs/before.bin", "logs/node-0.log"})
+    moto = json.loads((cluster.sandbox / "moto.json").read_text())
+    os.kill(moto["pid"], signal.SIGKILL)
+    upload_log = Path(workdir(cluster)) / "runs" / run_id / "upload.log"
+    deadline = time.monotonic() + 120  # boto3's own retries (5 attempts, backoff) come first
+    while "will retry" not in upload_log.read_text():  # the passes fail while S3 is gone...
+        assert time.monotonic() < deadline, upload_log.read_text()
+        time.sleep(0.5)
+    assert (Path(workdir(cluster)) / "active.json").exists()  # ...and the job trains on
+    gate.touch()  # it ends while S3 is still away: the final pass retries
+    time.sleep(3)
+    cluster.inv("sandbox.up", timeout=300)
+    assert cluster.inv("logs", "--run", run_id, "--follow", timeout=300).returncode == 0
+    kept = bucket_keys(cluster, prefix)
+    assert {"outputs/before.bin", "outputs/after.bin", "status/node-0.json"} <= set(kept), sorted(kept)
+    node_run = Path(workdir(cluster)) / "runs" / run_id
+    assert kept["outputs/after.bin"] == (Path(workdir(cluster)) / "outputs" / run_id / "after.bin").read_bytes()
+    assert kept["logs/node-0.log"] == (node_run / "log").read_bytes()  # the whole log, ticks and all
+    assert json.loads((node_run / "upload.json").read_text())["complete"] is True
+
+
+def test_destroy_names_what_it_takes_and_stops_an_active_run_after_its_final_upload(cluster: Project, tmp_path: Path):
+    """`inv destroy` with a run still active names it and asks; with --yes it stops the run and waits for its
+    final upload. A finished run nobody pulled is named as safe in the runs bucket."""
+    cluster.inv("apply", "--yes", timeout=300)  # (again, after a test that ended the node)
+    quick = make_job(tmp_path, "quick", {"train.py": "print('quick done')"})
+    done = run_id_of(cluster.inv("fit", str(quick), "--detach", timeout=120).stderr)
+    assert cluster.inv("logs", "--run", done, "--follow", timeout=120).returncode == 0  # finished, not pulled
+    job = make_job(tmp_path, "active", {"train.py": CHECKPOINTS_ON_TERM})
+    active = run_id_of(cluster.inv("fit", str(job), "--detach", timeout=120).stderr)
+    wait_keys(cluster, f"test/active/{active}/", {"logs/node-0.log", "record.json"})
+
+    asked = cluster.inv("destroy", check=False, timeout=120)  # no terminal to answer on: nothing happens
+    assert asked.returncode == 2 and "pass --yes" in asked.stderr, asked.stderr
+    assert f"run {active} is still running on rf-test-0: destroy stops it first" in asked.stdout, asked.stdout
+    assert f"run {done} is not pulled; its results are safe in the runs bucket {BUCKET}" in asked.stdout
+    assert cluster.workspace().sandbox.nodes(), "a destroy that was not confirmed must leave the node"
+
+    res = cluster.inv("destroy", "--yes", timeout=400)
+    out = res.stdout
+    assert f"rf-test-0: stopped run {active} (exit code 143); it is kept in the runs bucket" in out, out
+    assert out.index("kept in the runs bucket") < out.index("destroyed "), out
+    assert "verified: nothing tagged" in out
+    cluster.inv("pull", "--run", active, timeout=120)
+    run = cluster.runs / "active" / active
+    assert (run / "last.ckpt").read_bytes() == b"step 41" * 10_000
+    assert json.loads((run / "run.json").read_text())["exit_code"] == 143
+    cluster.inv("pull", "--run", done, timeout=120)
+    assert "quick done" in (cluster.runs / "quick" / done / "log").read_text()

@@ -180,7 +180,7 @@ def test_a_dead_server_is_reported_read_only_and_replaced_with_its_state(module_
 
 def test_sandbox_down_leaves_no_process(module_project, tmp_path):
     """Everything the sandbox ran is gone after `sandbox.down`: the moto server, and a node's sshd, its
-    watchdog, an open ssh connection and the client's ControlMaster that kept it open (ControlPersist,
+    watchdog, metadata service and spot poller, an open ssh connection and the client's ControlMaster that kept it open (ControlPersist,
     as the generated ssh_config has)."""
     p = module_project
     sandbox = p.sandbox
@@ -204,6 +204,7 @@ def test_sandbox_down_leaves_no_process(module_project, tmp_path):
     master = int(check.stderr.split("pid=")[1].split(")")[0])
     sessions = [pid for pid in descendants(node.pid) if alive(pid)]
     started = {"moto server": server(p)["pid"], "sshd": node.pid, "watchdog": node.watchdog_pid, "master": master}
+    started |= {"metadata service": node.imds_pid, "spot poller": node.spot_pid}
     started |= {f"ssh session {pid}": pid for pid in sessions}
     assert sessions and all(alive(pid) for pid in started.values()), started
 

@@ -66,6 +66,9 @@ sys.exit({code})
 """
 
 
+BUCKET = "remotefit-test-state-runs"  # conftest's state bucket + "-runs"
+
+
 @pytest.fixture(scope="module")
 def cluster(module_project: Project):
     p = module_project
@@ -432,6 +435,14 @@ def test_torch_distributed_on_two_nodes(cluster: Project, tmp_path: Path):
         assert f"torch {env['REMOTEFIT_MASTER_ADDR']} {env['REMOTEFIT_MASTER_PORT']}" in log, log
     info = json.loads((d / "run.json").read_text())
     assert info["node_count"] == 2 and info["exit_code"] == 0 and info["exit_codes"] == [0, 0]
+    # Kept in the runs bucket too: every node's log and final status, rank 0's outputs (issue 9).
+    s3 = cluster.workspace().client("s3")
+    prefix = f"test/dist/{d.name}/"
+    kept = {o["Key"][len(prefix) :] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])}
+    assert {"logs/node-0.log", "logs/node-1.log", "status/node-0.json", "status/node-1.json"} <= kept, kept
+    assert "outputs/rank0.json" in kept and not any("rank1" in k for k in kept), kept
+    body = s3.get_object(Bucket=BUCKET, Key=prefix + "logs/node-1.log")["Body"].read()
+    assert body == (d / "logs" / "node-1.log").read_bytes()
 
 
 # -- the job's PATH and a failed boot (issue 11) -------------------------------------------------

@@ -271,3 +271,59 @@ def test_pass_env_and_env_flags_resolve_from_this_environment(tmp_path):
     (job / "job.toml").write_text('pass_env = "A"\n')
     with pytest.raises(UserError, match="pass_env must be a list of variable names"):
         jobs.load_job(job)
+
+
+# -- what a destroy would take ----------------------------------------------------------------
+def _st(run_id: str, state: str, kept: object = None) -> dict:
+    return {"run_id": run_id, "state": state, "exit_code": None if state == "running" else 0, "kept": kept}
+
+
+def test_before_destroy_sorts_active_kept_unkept_and_silent_nodes() -> None:
+    ok, cut = {"complete": True, "errors": []}, {"complete": False, "errors": ["AccessDenied: PutObject"]}
+    answers = {
+        "rf-s-0": [_st("r-active", "running"), _st("r-kept", "finished", ok), _st("r-pulled", "finished", ok)],
+        "rf-s-1": [_st("r-active", "running"), _st("r-cut", "finished", cut), _st("r-none", "lost")],
+        "rf-s-2": None,
+    }
+    got = jobs.before_destroy_of(answers, pulled={"r-pulled"})
+    assert got.active == {"r-active": ["rf-s-0", "rf-s-1"]}
+    assert got.kept == ["r-kept"]
+    assert got.unkept == {
+        "r-cut": "its final upload was incomplete: AccessDenied: PutObject",
+        "r-none": "its node recorded no upload",
+    }
+    assert got.unanswered == ["rf-s-2"]
+    lines = got.lines("my-runs")
+    assert lines[0].startswith("run r-active is still running on rf-s-0, rf-s-1: destroy stops it first")
+    assert "safe in the runs bucket my-runs" in lines[1] and "`inv pull --run r-kept`" in lines[1]
+    assert "its results go with the node; pull them first with `inv pull --run r-cut`" in lines[2]
+    assert lines[-1].startswith("rf-s-2 did not answer")
+
+
+def test_a_run_kept_by_one_node_only_is_not_safe() -> None:
+    """Several nodes: every node's log must be in the bucket for the run to be safe."""
+    answers = {"a": [_st("r", "finished", {"complete": True})], "b": [_st("r", "finished", None)]}
+    got = jobs.before_destroy_of(answers, pulled=set())
+    assert got.kept == [] and list(got.unkept) == ["r"]
+
+
+def test_nothing_to_say_before_destroying_idle_nodes() -> None:
+    assert jobs.before_destroy_of({"a": [], "b": []}, pulled=set()).lines("b") == []
+
+
+def test_run_json_lists_every_attempt_and_adds_up_their_cost():
+    first = {"run_id": "r1", "nodes": ["rf-s-0"], "market": "spot", "exit_code": None, "estimated_cost_usd": 0.25}
+    rec = jobs.RunRecord(
+        "r2", "j", "/j", "python train.py", [], [node(0).to_dict()], "t", resumed_from="r1", attempts=[first]
+    )
+    st = {"started_at": "2026-01-01T00:00:00Z", "ended_at": "2026-01-01T01:00:00Z", "exit_code": 0}
+    info = jobs._run_json(rec, [st], None)
+    assert info["resumed_from"] == "r1"
+    assert [a["run_id"] for a in info["attempts"]] == ["r1", "r2"]
+    this = info["attempts"][1]
+    assert this["start"] == st["started_at"] and this["end"] == st["ended_at"] and this["exit_code"] == 0
+    assert this["estimated_cost_usd"] == info["estimated_cost_usd"] > 0
+    assert info["total_estimated_cost_usd"] == round(0.25 + info["estimated_cost_usd"], 4)
+    alone = jobs._run_json(jobs.RunRecord("r", "j", "/j", "c", [], [node(0).to_dict()], "t"), [st], None)
+    assert alone["resumed_from"] is None and len(alone["attempts"]) == 1
+    assert alone["total_estimated_cost_usd"] == alone["estimated_cost_usd"]

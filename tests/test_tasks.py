@@ -41,6 +41,7 @@ TASKS = [
     "sandbox.up",
     "sandbox.down",
     "sandbox.status",
+    "sandbox.interrupt",
     "tunnel.open",
     "tunnel.list",
     "tunnel.close",

@@ -128,3 +128,31 @@ def test_a_final_pass_that_cannot_finish_says_so(s3, tmp_path: Path):
 def test_every_must_be_positive(capsys: pytest.CaptureFixture[str]):
     assert uploader.main(["--bucket", "b", "--prefix", "p", "--stop-file", "/x", "--every", "0"]) == 2
     assert capsys.readouterr().err.strip() == "uploader: error: --every must be a positive number of seconds"
+
+
+def test_restore_brings_an_earlier_runs_outputs_back_whole_and_only_inside_the_folder(s3, tmp_path: Path):
+    blob = os.urandom(9 * 1024 * 1024)  # above the multipart threshold
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/outputs/checkpoint.pt", Body=blob)
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/outputs/sub/metrics.jsonl", Body=b'{"step": 40}\n')
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/outputs/../../escape", Body=b"no")
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/logs/node-0.log", Body=b"not an output")
+    s3.put_object(Bucket=BUCKET, Key="dev/resnet/r10/outputs/other-run", Body=b"not this run")
+    out = tmp_path / "outputs" / "r2"
+    out.mkdir(parents=True)
+    staging = tmp_path / "outputs" / ".r2.restoring"
+    files, size = uploader.restore(s3, BUCKET, PREFIX, out, staging)
+    assert (files, size) == (2, len(blob) + 13)
+    assert (out / "checkpoint.pt").read_bytes() == blob
+    assert (out / "sub" / "metrics.jsonl").read_text() == '{"step": 40}\n'
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "outputs/r2/checkpoint.pt",
+        "outputs/r2/sub/metrics.jsonl",
+    ]
+
+
+def test_restore_from_a_missing_bucket_is_one_line_and_exit_1(s3, tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setattr(uploader, "make_client", lambda region: (s3, None))
+    code = uploader.main(["--bucket", "no-such-bucket", "--restore-from", PREFIX, "--outputs", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "cannot restore s3://no-such-bucket/" in err[0] and "NoSuchBucket" in err[0]
+    assert not list(tmp_path.glob(".*restoring"))

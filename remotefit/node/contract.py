@@ -135,6 +135,12 @@ def env_file(base: str, run_id: str) -> str:
     return posixpath.join(base, RUNNER_DIR, f"env-{run_id}.json")
 
 
+def spot_notice_path(base: str, run_id: str) -> str:
+    """Written by the watchdog when it forwards a spot notice to the run: the runner's status then says the
+    run was interrupted (not a job that failed with 143), and `fit` recovers it."""
+    return posixpath.join(base, "runs", run_id, "spot-notice.json")
+
+
 def active_path(base: str) -> str:
     return posixpath.join(base, ACTIVE)
 

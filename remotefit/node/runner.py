@@ -240,6 +240,8 @@ def run_info(layout: Layout, run_id: str) -> dict:
         "active": active.get("run_id") == run_id and state == "running",
         # The final upload to the runs bucket ({files, bytes, complete, errors}); None when not kept.
         "kept": read_json(os.path.join(rd, "upload.json")) if meta.get("keep") else None,
+        # A spot interruption notice the watchdog forwarded to this run ({notice, forwarded_at}), if any.
+        "spot_notice": read_json(contract.spot_notice_path(layout.base, run_id)),
         "_supervisor_pid": meta.get("supervisor_pid"),
         "_supervisor_start": meta.get("supervisor_start"),
     }
@@ -815,6 +817,39 @@ def finish_upload(layout: Layout, run_id: str, meta: dict, code: int, ended: flo
     print(f"{iso()} final upload: {'complete' if done.get('complete') else 'INCOMPLETE'}", flush=True)
 
 
+def restore_outputs(keep: dict, outputs_dir: str) -> int:
+    """`inv fit --resume`: the earlier run's outputs from the runs bucket into this run's, before the job
+    (through the uploader, under the tool venv's Python); its lines go to the run's log."""
+    import subprocess
+
+    python = os.environ.get(contract.TOOLS_PYTHON_ENV) or contract.TOOLS_PYTHON
+    script = os.path.join(os.path.dirname(RUNNER), "uploader.py")
+    source = "s3://{}/{}/outputs/".format(keep["bucket"], keep["restore_from"])
+    if not (os.path.isfile(python) and os.path.isfile(script)):
+        print(f"[remotefit] cannot resume: {python if not os.path.isfile(python) else script} is missing", flush=True)
+        return EXIT_FAIL
+    print(f"[remotefit] resuming: restoring the outputs of {source}", flush=True)
+    argv = [
+        python,
+        script,
+        "--bucket",
+        keep["bucket"],
+        "--restore-from",
+        keep["restore_from"],
+        "--outputs",
+        outputs_dir,
+    ]
+    if keep.get("region"):
+        argv += ["--region", str(keep["region"])]
+    env = dict(os.environ)
+    env.update({str(k): str(v) for k, v in (keep.get("aws_env") or {}).items()})
+    sys.stdout.flush()
+    rc = exit_code_of(subprocess.call(argv, env=env, stdin=subprocess.DEVNULL))
+    if rc:
+        print(f"[remotefit] cannot resume: the restore from {source} failed (exit code {rc})", flush=True)
+    return rc
+
+
 def cmd_job(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -822,6 +857,11 @@ def cmd_job(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     layout = Layout(args.base)
     meta = read_json(layout.path(args.run_id, "run.json")) or {}
+    keep = meta.get("keep") or {}
+    if keep.get("restore_from") and keep.get("outputs") and meta.get("outputs_dir"):
+        rc = restore_outputs(keep, meta["outputs_dir"])
+        if rc:
+            return rc
     if meta.get("requirements_copy"):
         rc = ensure_venv(meta["venv"], meta["requirements_copy"])
         if rc:

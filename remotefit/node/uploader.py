@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -113,6 +114,31 @@ class Uploader:
         self.s3.put_object(Bucket=self.bucket, Key=self.key(rel), Body=json.dumps(obj, indent=2).encode())  # type: ignore[attr-defined]
 
 
+def restore(
+    s3: object, bucket: str, prefix: str, outputs: Path, staging: Path, transfer_config: object = None
+) -> tuple[int, int]:
+    """`--resume`: bring an earlier run's outputs (``<prefix>/outputs/...``) into this run's outputs folder,
+    before its job starts. Each file is downloaded into ``staging`` and renamed into place, so the uploader
+    beside the job never sees (or keeps) half a file. A key that would land outside the folder is skipped."""
+    src = prefix.strip("/") + "/outputs/"
+    files = size = 0
+    staging.mkdir(parents=True, exist_ok=True)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=src):  # type: ignore[attr-defined]
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(src) :]
+            parts = Path(rel).parts
+            if not rel or rel.endswith("/") or rel.startswith("/") or ".." in parts:
+                continue
+            part = staging / f"{files}.part"
+            s3.download_file(bucket, obj["Key"], str(part), Config=transfer_config)  # type: ignore[attr-defined]
+            target = outputs.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(part, target)
+            files += 1
+            size += int(obj.get("Size") or 0)
+    return files, size
+
+
 def make_client(region: str | None) -> tuple[object, object]:
     import boto3
     from boto3.s3.transfer import TransferConfig
@@ -183,14 +209,15 @@ def run(args: argparse.Namespace, s3: object = None, transfer_config: object = N
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uploader.py", description="keep a run's results in the runs bucket")
     p.add_argument("--bucket", required=True, help="the runs bucket")
-    p.add_argument("--prefix", required=True, help="<stage>/<job>/<run-id>")
+    p.add_argument("--prefix", default=None, help="<stage>/<job>/<run-id> (required unless --restore-from)")
     p.add_argument("--region", default=None, help="the bucket's region")
     p.add_argument("--outputs", default=None, help="the run's outputs folder")
     p.add_argument("--log", default=None, help="the run's log file")
     p.add_argument("--log-key", default="log", help="where the log goes under the prefix (logs/node-N.log)")
     p.add_argument("--also", action="append", default=[], help="PATH=KEY: one more file to keep (repeatable)")
     p.add_argument("--every", type=float, default=60.0, help="seconds between passes")
-    p.add_argument("--stop-file", required=True, help="when this file exists: final pass, then exit")
+    p.add_argument("--stop-file", default=None, help="when this file exists: final pass, then exit")
+    p.add_argument("--restore-from", default=None, help="PREFIX: download PREFIX/outputs/ into --outputs, then exit")
     p.add_argument("--done-file", default=None, help="written (JSON) after the final pass")
     p.add_argument("--final-timeout", type=float, default=180.0, help="seconds the final pass may retry")
     return p
@@ -198,6 +225,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.restore_from:
+        if not args.outputs:
+            print("uploader: error: --restore-from needs --outputs", file=sys.stderr)
+            return 2
+        s3, transfer_config = make_client(args.region)
+        outputs = Path(args.outputs)
+        staging = outputs.parent / f".{outputs.name}.restoring"
+        try:
+            files, size = restore(s3, args.bucket, args.restore_from, outputs, staging, transfer_config)
+        except Exception as exc:  # noqa: BLE001 - one line for the run's log, whatever boto3 raised
+            print(
+                f"uploader: error: cannot restore s3://{args.bucket}/{args.restore_from}/outputs/: {why(exc)}",
+                file=sys.stderr,
+            )
+            return 1
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log(f"restored {files} file(s), {size} bytes from s3://{args.bucket}/{args.restore_from.strip('/')}/outputs/")
+        return 0
+    if not (args.stop_file and args.prefix):
+        print("uploader: error: --prefix and --stop-file are required", file=sys.stderr)
+        return 2
     if args.every <= 0:
         print("uploader: error: --every must be a positive number of seconds", file=sys.stderr)
         return 2

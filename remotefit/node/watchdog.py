@@ -357,6 +357,10 @@ def check_spot(opts: argparse.Namespace, state: dict, now: float, run: dict | No
         out = f"spot=notice({what}; sent SIGTERM to run {run_id}, process group {pgid})"
     except (OSError, TypeError, ValueError) as exc:
         out = f"spot=notice({what}; SIGTERM to {pgid} failed: {exc})"
+    try:  # beside the run, for its status: interrupted, not failed
+        contract.write_json(contract.spot_notice_path(opts.base, str(run_id)), {"notice": notice, "forwarded_at": now})
+    except (OSError, TypeError) as exc:
+        out += f" (notice not recorded for the run: {exc})"
     state["spot_forwarded"] = key
     state["spot_forwarded_at"] = now
     return out
