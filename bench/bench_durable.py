@@ -7,8 +7,8 @@
    plain boto3 `upload_file` loop over the same files (boto3's defaults). Interleaved rounds, medians.
    Target: at most 1.2x.
 2. Training while uploading: jobs/resnet/train.py (digits, small width, 2 CPU threads) samples/s with the
-   uploader beside it every 5 s (12x more often than the default 60 s) against the same run without it.
-   Interleaved rounds, medians. Target: at least 0.97x.
+   uploader beside it, every 60 s (the default) and every 5 s, against the same run without it; the
+   uploader's and the moto server's CPU seconds beside. Interleaved rounds, medians. Target: at least 0.97x.
 3. Spot notice to the last checkpoint byte: a sandbox project with a spot node, a job that writes a 50 MB
    checkpoint on SIGTERM; `inv sandbox.interrupt` posts the notice; the clock stops when the run's final
    status (uploaded after every result) is in the bucket. The notice is polled every 5 s, as on EC2.
@@ -86,8 +86,17 @@ def bench_upload(endpoint: str, tmp: Path, rounds: int) -> tuple[float, float, i
     return statistics.median(ours), statistics.median(theirs), size
 
 
-def train_once(out: Path, endpoint: str | None, epochs: int) -> float:
-    """samples/s of one train.py run; with `endpoint`, the uploader keeps `out` every 5 s meanwhile."""
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def train_once(out: Path, endpoint: str | None, epochs: int, every: float) -> tuple[float, float]:
+    """(samples/s, the uploader's CPU seconds) of one train.py run; with `endpoint`, the uploader keeps `out`
+    every `every` seconds meanwhile, as the runner starts it (its default niceness included)."""
+    import resource
+
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, str(TRAIN), "--data", "digits", "--width", "16", "--image-size", "32"]
     argv += ["--batch-size", "64", "--epochs", str(epochs), "--outputs", str(out), "--no-resume"]
@@ -102,25 +111,39 @@ def train_once(out: Path, endpoint: str | None, epochs: int) -> float:
         }
         up = subprocess.Popen(
             [sys.executable, str(UPLOADER), "--bucket", BUCKET, "--prefix", f"bench/resnet/{out.name}"]
-            + ["--outputs", str(out), "--every", "5", "--stop-file", str(stop), "--region", "us-east-1"],
+            + ["--outputs", str(out), "--every", str(every), "--stop-file", str(stop), "--region", "us-east-1"],
             env=up_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         subprocess.run(argv, env=env, check=True, capture_output=True, cwd=TRAIN.parent)
     finally:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         if up is not None:
             stop.touch()
             up.wait(timeout=300)
-    return float(json.loads((out / "summary.json").read_text())["samples_per_s"])
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    spent = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return float(json.loads((out / "summary.json").read_text())["samples_per_s"]), spent
 
 
-def bench_training(endpoint: str, tmp: Path, rounds: int, epochs: int) -> tuple[float, float]:
-    with_up, without = [], []
+def bench_training(
+    endpoint: str, moto_pid: int, tmp: Path, rounds: int, epochs: int, every: float
+) -> tuple[float, float, float, float]:
+    """Medians: (samples/s with the uploader, without, the uploader's CPU s, the moto server's CPU s per run)."""
+    with_up, without, up_cpu, moto_cpu = [], [], [], []
     for r in range(rounds):
         for who in ["with", "without"] if r % 2 == 0 else ["without", "with"]:
-            out = tmp / f"train-{who}-{r}"
-            (with_up if who == "with" else without).append(train_once(out, endpoint if who == "with" else None, epochs))
-    return statistics.median(with_up), statistics.median(without)
+            out = tmp / f"train-{every:g}-{who}-{r}"
+            m0 = cpu_seconds(moto_pid)
+            rate, spent = train_once(out, endpoint if who == "with" else None, epochs, every)
+            if who == "with":
+                with_up.append(rate)
+                up_cpu.append(spent)
+                moto_cpu.append(cpu_seconds(moto_pid) - m0)
+            else:
+                without.append(rate)
+    med = statistics.median
+    return med(with_up), med(without), med(up_cpu), med(moto_cpu)
 
 
 CHECKPOINTS_BIG = """\
@@ -170,7 +193,7 @@ def bench_notice(tmp: Path) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--no-write", action="store_true", help="print the section, do not write docs/benchmarks.md")
     opts = ap.parse_args()
     from remotefit.sandbox import Sandbox
@@ -180,20 +203,34 @@ def main() -> None:
     endpoint = sb.up().endpoint
     try:
         ours, theirs, size = bench_upload(endpoint, tmp, opts.rounds)
-        with_up, without = bench_training(endpoint, tmp, opts.rounds, opts.epochs)
+        srv = sb.server()
+        assert srv is not None
+        training = {
+            every: bench_training(endpoint, srv.pid, tmp, opts.rounds, opts.epochs, every) for every in (60.0, 5.0)
+        }
     finally:
         sb.down()
     took, ckpt = bench_notice(tmp)
     mb = size / (1 << 20)
+    bases = [without for _, without, _, _ in training.values()]
+    noise = abs(bases[0] - bases[1]) / max(bases)
+    rows = "".join(
+        f"| jobs/resnet samples/s (digits, width 16, {opts.epochs} epochs, 2 threads), uploads every {every:g} s "
+        f"(uploader {up_cpu:.1f} CPU s, moto {moto_cpu:.1f} CPU s per run) | {with_up:.0f} (uploader beside it) | "
+        f"{without:.0f} (no uploader) | {with_up / without:.3f}× | ≥ 0.97× |\n"
+        for every, (with_up, without, up_cpu, moto_cpu) in training.items()
+    )
     body = f"""## Durable runs: uploads, training beside them, a spot notice (`bench/bench_durable.py`)
 
 | measure | remotefit | baseline | ratio | target |
 |---|---|---|---|---|
 | upload a {mb:.0f} MB outputs folder (2 × 60 MB + 400 × 200 KB) to moto on loopback | {ours:.2f} s (node uploader, one pass) | {theirs:.2f} s (boto3 `upload_file` loop) | {ours / theirs:.2f}× | ≤ 1.2× |
-| jobs/resnet samples/s (digits, width 16, {opts.epochs} epochs, 2 threads) | {with_up:.0f} (uploader every 5 s beside it) | {without:.0f} (no uploader) | {with_up / without:.3f}× | ≥ 0.97× |
-| spot notice → the run's final status in the bucket, after a {ckpt / (1 << 20):.0f} MB checkpoint written on SIGTERM | {took:.1f} s | — | — | within AWS's 120 s |
+{rows}| spot notice → the run's final status in the bucket, after a {ckpt / (1 << 20):.0f} MB checkpoint written on SIGTERM | {took:.1f} s | — | — | within AWS's 120 s |
 
-Medians of {opts.rounds} interleaved rounds (the notice: one run). The notice is seen by the node's spot poller
+Medians of {opts.rounds} interleaved rounds (the notice: one run). Run-to-run noise: the two "no uploader" medians
+differ by {noise:.1%}, so a ratio within a few percent of 1 is noise. The uploader runs at nice 10, as the runner
+starts it. Here the moto server standing in for S3 shares the 2 cores with the training (its CPU is listed);
+on AWS, S3 costs the node nothing but the uploader's own CPU and the network. The notice is seen by the node's spot poller
 (every 5 s, as remotefit-spot.service on EC2), forwarded as SIGTERM; the job writes its checkpoint; the
 supervisor's final upload sends it and then the run's status, last. Upload figures are loopback to moto: on
 AWS the network sets the pace for both sides alike.

@@ -156,3 +156,13 @@ def test_restore_from_a_missing_bucket_is_one_line_and_exit_1(s3, tmp_path: Path
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "cannot restore s3://no-such-bucket/" in err[0] and "NoSuchBucket" in err[0]
     assert not list(tmp_path.glob(".*restoring"))
+
+
+def test_the_uploader_yields_the_cpu_to_the_job(monkeypatch):
+    """Beside a training job it runs at a lower priority (nice 10 unless told otherwise)."""
+    niced: list[int] = []
+    monkeypatch.setattr(uploader.os, "nice", niced.append)
+    monkeypatch.setattr(uploader, "run", lambda args: 0)
+    assert uploader.main(["--bucket", "b", "--prefix", "p", "--stop-file", "/x"]) == 0
+    assert uploader.main(["--bucket", "b", "--prefix", "p", "--stop-file", "/x", "--nice", "0"]) == 0
+    assert niced == [10]

@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore-from", default=None, help="PREFIX: download PREFIX/outputs/ into --outputs, then exit")
     p.add_argument("--done-file", default=None, help="written (JSON) after the final pass")
     p.add_argument("--final-timeout", type=float, default=180.0, help="seconds the final pass may retry")
+    p.add_argument("--nice", type=int, default=10, help="lower this process's CPU priority by N (0: as is)")
     return p
 
 
@@ -250,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.every <= 0:
         print("uploader: error: --every must be a positive number of seconds", file=sys.stderr)
         return 2
+    if args.nice:
+        # Beside a training job the uploads take what CPU the job leaves: they must never slow it noticeably.
+        # (Lowering one's own priority needs no privilege.)
+        os.nice(args.nice)
     return run(args)
 
 
