@@ -11,8 +11,8 @@ boto3: the tool venv the node's user data installs (/opt/remotefit-tools), or th
 REMOTEFIT_TOOLS_PYTHON in the node's ssh environment (the sandbox's). It fetches only what is missing or
 changed into <workdir>/data-cache (shared by every job and run of that node) and links each target in the
 job folder to the cached copy (a symlink; cached files are read-only). The targets never travel with the
-job's rsync. Credentials: the node's instance profile on EC2; the sandbox's moto endpoint and test keys
-there (never the laptop's own keys).
+job's rsync. Credentials: the node's instance profile on EC2, the node's own IMDS on the sandbox (with
+moto's endpoint); never the laptop's own keys.
 """
 
 from __future__ import annotations
@@ -166,12 +166,16 @@ def fetch_input(entries: Sequence[DataEntry], aws_env: dict[str, str]) -> str:
     return json.dumps(spec) + "\n" + FETCHER.read_text()
 
 
+NOT_FOR_NODES = ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
 def node_aws_env(ws: Workspace | None) -> dict[str, str]:
-    """What the fetcher needs to reach S3: the region, plus on the sandbox its moto endpoint and test keys
-    (Workspace.aws_env). Never a profile: on AWS the instance profile supplies the node's credentials."""
+    """What node-side code (the fetcher, the uploader) needs to reach S3: the region, plus on the sandbox its
+    moto endpoint (Workspace.aws_env). Never a profile or a key: the node's credentials come from its
+    metadata service, the instance profile on EC2 and the sandbox node's own IMDS alike."""
     if ws is None:
         return {}
-    return {k: v for k, v in ws.aws_env().items() if k != "AWS_PROFILE"}
+    return {k: v for k, v in ws.aws_env().items() if k not in NOT_FOR_NODES}
 
 
 def fetch(ts: Sequence[Transport], entries: Sequence[DataEntry], job_name: str, aws_env: dict[str, str]) -> None:

@@ -502,7 +502,7 @@ _SOURCES: tuple[str, str, str] | None = None
 
 def keep_spec(ws: Workspace, job: Job, record: RunRecord, rank: int) -> dict[str, Any]:
     """What the node's uploader needs (contract.KEEP_KEY): where in the runs bucket, how often, and how
-    to reach S3 — the region, plus the sandbox's endpoint and test keys; never a profile or a secret (on
+    to reach S3 — the region, plus the sandbox's endpoint; never a profile, a key or a secret (on
     EC2 the instance profile signs)."""
     from remotefit.results import log_key, run_prefix, status_key
 
@@ -519,7 +519,7 @@ def keep_spec(ws: Workspace, job: Job, record: RunRecord, rank: int) -> dict[str
         if rank == 0 and record.resumed_from
         else None,
         "record": record.__dict__ if rank == 0 else None,
-        "aws_env": {k: v for k, v in ws.aws_env().items() if k != "AWS_PROFILE"},
+        "aws_env": data.node_aws_env(ws),
     }
 
 

@@ -318,13 +318,25 @@ class Sandbox:
             )
         atomic_write(d / "authorized_keys", public_key.strip() + "\n", mode=0o600)
         boot = self.boot(d)
+        # The metadata service first: the node's sessions are told where it is (sshd's SetEnv), as EC2's is
+        # simply there; on the sandbox the node's AWS credentials come from it, as from an instance profile.
+        imds = self._start_imds(d, instance_id, endpoint, region) if endpoint else None
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         user = _user()
         last = "no output"
         for _attempt in range(3):  # a free port can be taken by another process before sshd binds it
             port = free_port()
-            config = sshd_config_text(port, host_key, d / "authorized_keys", d / "sshd.pid", user, instance_id, boot)
+            config = sshd_config_text(
+                port,
+                host_key,
+                d / "authorized_keys",
+                d / "sshd.pid",
+                user,
+                instance_id,
+                boot,
+                imds[1] if imds else None,
+            )
             atomic_write(d / "sshd_config", config, mode=0o600)
             proc = spawn_daemon([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log")
             deadline = time.monotonic() + 30
@@ -336,10 +348,13 @@ class Sandbox:
             tail = (d / "sshd.log").read_text(errors="replace").strip().splitlines()[-1:]
             last = tail[0] if tail else "no output"
         else:
+            if imds:
+                stop_pid(imds[0], "sandbox_imds")
             raise UserError(f"sandbox sshd for {instance_id} did not start: {last}")
         node = SandboxNode(instance_id=instance_id, port=port, pid=proc.pid, user=user, workdir=str(home / "remotefit"))
+        if imds:
+            node.imds_pid, node.imds_port = imds
         if endpoint:  # only once the node is reachable: a failed start leaves no watchdog looping
-            node.imds_pid, node.imds_port = self._start_imds(d, instance_id, endpoint, region)
             node.watchdog_pid = self._start_watchdog(d, node, endpoint, region, max_hours, idle_minutes)
             node.spot_pid = self._spawn_spot_poll(d, node)
         atomic_write(d / "node.json", json.dumps(asdict(node)))
@@ -418,6 +433,11 @@ class Sandbox:
         from remotefit.sandbox_imds import FACTS, PORT_FILE
 
         facts = {"instance_id": instance_id, "region": region, "local_ipv4": "127.0.0.1"}
+        # The role's temporary keys: the sandbox's own (moto checks no signature; the account stays the same).
+        facts |= {
+            "access_key_id": SANDBOX_REGION_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "secret_access_key": SANDBOX_REGION_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        }
         try:
             ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name=region, **_boto_creds())
             inst = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
@@ -529,7 +549,14 @@ class SandboxNode:
 
 
 def sshd_config_text(
-    port: int, host_key: Path, authorized: Path, pidfile: Path, user: str, node: str, boot: Path
+    port: int,
+    host_key: Path,
+    authorized: Path,
+    pidfile: Path,
+    user: str,
+    node: str,
+    boot: Path,
+    imds_port: int | None = None,
 ) -> str:
     """An sshd that accepts only the stage's key, only on loopback, only for this user. Its sessions
     find the node's boot markers and log (see nodes.ready_command) through REMOTEFIT_BOOT_*, and the
@@ -557,7 +584,16 @@ def sshd_config_text(
             # REMOTEFIT_TOOLS_PYTHON: the node-side tools' Python (the uploader's, the data fetcher's); a real
             # node's is /opt/remotefit-tools, made by its user data; here the dev venv's, which has boto3.
             f'SetEnv REMOTEFIT_NODE={node} "REMOTEFIT_BOOT_DIR={boot}" "REMOTEFIT_BOOT_LOG={boot / "boot.log"}" '
-            f'"REMOTEFIT_TOOLS_PYTHON={sys.executable}"',
+            f'"REMOTEFIT_TOOLS_PYTHON={sys.executable}"'
+            + (
+                # AWS credentials as on EC2: from the node's metadata service (the instance profile), never
+                # from this machine's ~/.aws (a fresh node has none).
+                f" AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:{imds_port}"
+                f' "AWS_CONFIG_FILE={pidfile.parent / "no-aws-config"}"'
+                f' "AWS_SHARED_CREDENTIALS_FILE={pidfile.parent / "no-aws-credentials"}"'
+                if imds_port
+                else ""
+            ),
             "",
         ]
     )

@@ -4,7 +4,6 @@ and after its nodes are gone, and a pull from there is the same as a pull from t
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -244,84 +243,6 @@ def test_resume_restores_the_outputs_from_the_bucket_and_records_both_attempts(c
     assert bucket_keys(cluster, f"test/counts/{second}/")["outputs/step.txt"] == b"40"
 
 
-def test_a_spot_interruption_keeps_the_checkpoint_and_resume_finishes_on_a_new_node(cluster: Project, tmp_path: Path):
-    """`inv sandbox.interrupt` delivers what AWS does: a notice on the node's IMDS (the job gets SIGTERM and
-    checkpoints; its final upload lands), then the instance and its disk are gone. The README's recovery by
-    hand (apply the same spec, fit --resume latest) continues from the saved step on a new node."""
-    cluster.inv("apply", "--spot", "--yes", timeout=400)
-    (node,) = cluster.workspace().sandbox.nodes()
-    assert node.imds_port and node.spot_pid  # the node's metadata service and its spot poller
-    toml = 'sync_every = 1\n[env]\nPAUSE = "0.25"\nSTEPS = "2000"\n'
-    job = make_job(tmp_path, "spotty", {"train.py": COUNTS, "job.toml": toml})
-    first = run_id_of(cluster.inv("fit", str(job), "--detach", timeout=120).stderr)
-    prefix = f"test/spotty/{first}/"
-    wait_keys(cluster, prefix, {"outputs/step.txt"})
-    notice = time.monotonic()
-    res = cluster.inv("sandbox.interrupt", "--in", "30", timeout=60)
-    assert "rf-test-0: spot interruption notice posted" in res.stdout, res.stdout
-    kept = wait_keys(cluster, prefix, {"status/node-0.json"}, timeout=60)  # the checkpoint, then the end
-    took = time.monotonic() - notice
-    assert json.loads(kept["status/node-0.json"])["exit_code"] == 143
-    saved = int(kept["outputs/step.txt"])
-    assert 0 < saved < 2000 and b"checkpointed at step" in kept["logs/node-0.log"]
-    print(f"spot notice -> checkpoint and final status in the bucket: {took:.1f} s")
-    deadline = time.monotonic() + 90
-    while True:  # reclaimed at the notice's time: terminated, its disk gone
-        row = next(x for x in cluster.inv("status", timeout=120).stdout.splitlines() if x.startswith("rf-test-0"))
-        if " terminated " in row:
-            break
-        assert time.monotonic() < deadline, row
-        time.sleep(2)
-    assert not Path(node.workdir).exists()
-
-    cluster.inv("apply", "--spot", "--yes", timeout=400)
-    (again,) = cluster.workspace().sandbox.nodes()
-    assert again.instance_id != node.instance_id
-    res = cluster.inv("fit", str(job), "--resume", "latest", timeout=300)
-    assert f"resuming run {first} as attempt 2" in res.stderr, res.stderr
-    assert f"starting at step {saved}\n" in res.stdout and "done at step 2000" in res.stdout, res.stdout
-    info = json.loads((cluster.runs / "spotty" / run_id_of(res.stderr) / "run.json").read_text())
-    assert [(a["market"], a["exit_code"]) for a in info["attempts"]] == [("spot", 143), ("spot", 0)]
-
-
-def test_an_attached_fit_recovers_from_a_spot_interruption_and_finishes(cluster: Project, tmp_path: Path):
-    """`inv fit` following a spot run: the notice ends the attempt (checkpoint kept), fit re-applies the same
-    spec and resumes the run on the new node, which finishes; run.json shows both attempts."""
-    import subprocess
-
-    from tests.conftest import INV
-
-    cluster.inv("apply", "--spot", "--yes", timeout=400)
-    (node,) = cluster.workspace().sandbox.nodes()
-    toml = 'sync_every = 1\n[env]\nPAUSE = "0.25"\nSTEPS = "2000"\n'
-    job = make_job(tmp_path, "recovers", {"train.py": COUNTS, "job.toml": toml})
-    fit = subprocess.Popen(
-        [INV, "fit", str(job), "--max-recoveries", "1"],
-        cwd=cluster.cwd, env=cluster.env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not any(k.endswith("/outputs/step.txt") for k in bucket_keys(cluster, "test/recovers/")):
-            assert time.monotonic() < deadline and fit.poll() is None, "the first attempt never checkpointed"
-            time.sleep(0.5)
-        cluster.inv("sandbox.interrupt", "--in", "60", timeout=60)
-        out, err = fit.communicate(timeout=600)
-    finally:
-        fit.kill()
-    assert fit.returncode == 0, out + err
-    first = run_id_of(err)
-    assert "spot interruption on rf-test-0" in err and f"recovering run {first}" in err, err
-    assert "recovery: 1 node(s) ready" in err and f"resuming run {first} as attempt 2" in err, err
-    saved = int(bucket_keys(cluster, f"test/recovers/{first}/")["outputs/step.txt"])
-    assert 0 < saved < 2000 and f"starting at step {saved}\n" in out and "done at step 2000" in out, out
-    (again,) = cluster.workspace().sandbox.nodes()
-    assert again.instance_id != node.instance_id
-    second = re.search(r"run (\S+) finished with exit code 0", err).group(1)
-    info = json.loads((cluster.runs / "recovers" / second / "run.json").read_text())
-    assert info["resumed_from"] == first and [a["exit_code"] for a in info["attempts"]] == [143, 0]
-
-
 # Trains (ticks) while S3 is away, writes one output before and one after the gate.
 TICKS = """\
 import os, time
@@ -370,6 +291,50 @@ def test_the_runs_bucket_unreachable_for_a_while_mid_run(cluster: Project, tmp_p
     assert kept["outputs/after.bin"] == (Path(workdir(cluster)) / "outputs" / run_id / "after.bin").read_bytes()
     assert kept["logs/node-0.log"] == (node_run / "log").read_bytes()  # the whole log, ticks and all
     assert json.loads((node_run / "upload.json").read_text())["complete"] is True
+
+
+def resnet_copy(tmp_path: Path) -> Path:
+    """jobs/resnet as a user's copy, uploading every second (so a test sees its checkpoints soon)."""
+    from tests.conftest import ROOT
+
+    job = tmp_path / "resnet"
+    shutil.copytree(ROOT / "jobs" / "resnet", job, ignore=shutil.ignore_patterns("data", "outputs", "__pycache__"))
+    (job / "job.toml").write_text("sync_every = 1\n" + (job / "job.toml").read_text())
+    return job
+
+
+def test_a_detached_resnet_run_outlives_its_idle_node(cluster: Project, tmp_path: Path):
+    """Start it, close the laptop: the run finishes, the node idle-terminates itself, and `inv pull` brings
+    the model, curves, summary, metrics, log and run.json from the runs bucket, the same bytes the node had."""
+    import os
+    import subprocess
+    import sys
+
+    cluster.inv("apply", "--yes", timeout=400)
+    job = resnet_copy(tmp_path)
+    args = ["--data", "digits", "--width", "8", "--image-size", "16", "--batch-size", "64", "--epochs", "2"]
+    run_id = run_id_of(cluster.inv("fit", str(job), "--detach", "--", *args, timeout=300).stderr)
+    assert cluster.inv("logs", "--run", run_id, "--follow", timeout=600).returncode == 0
+    (node,) = cluster.workspace().sandbox.nodes()
+    cfg_file = cluster.sandbox / "nodes" / node.instance_id / "watchdog.json"
+    cfg = json.loads(cfg_file.read_text())
+    # One tick as the idle timeout passes (an empty /proc: the host's own ssh sessions are not this node's).
+    (tmp_path / "proc").mkdir()
+    argv = [sys.executable, str(Path(__file__).parents[1] / "remotefit" / "node" / "watchdog.py"), "--config"]
+    argv += [str(cfg_file), "--proc", str(tmp_path / "proc"), "--state", str(tmp_path / "state.json")]
+    env = {**os.environ, "REMOTEFIT_FAKE_NOW": str(cfg["started_epoch"] + cfg["idle_minutes"] * 60 + 1)}
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "action=shutdown decision=idle" in out and "shutdown command ran" in out, out
+    row = next(x for x in cluster.inv("status", timeout=120).stdout.splitlines() if x.startswith("rf-test-0"))
+    assert " terminated " in row, row
+    cluster.inv("pull", "--run", run_id, timeout=300)
+    pulled = cluster.runs / "resnet" / run_id
+    on_node = Path(node.workdir) / "outputs" / run_id  # (a sandbox node's folder outlives it: compare)
+    for name in ("checkpoint.pt", "curves.png", "summary.json", "metrics.jsonl"):
+        assert (pulled / name).read_bytes() == (on_node / name).read_bytes(), name
+    assert (pulled / "log").read_bytes() == (Path(node.workdir) / "runs" / run_id / "log").read_bytes()
+    info = json.loads((pulled / "run.json").read_text())
+    assert info["exit_code"] == 0 and info["final"] is True
 
 
 def test_destroy_names_what_it_takes_and_stops_an_active_run_after_its_final_upload(cluster: Project, tmp_path: Path):

@@ -70,3 +70,20 @@ def test_a_posted_notice_is_what_the_nodes_watchdog_reads(imds):
     notice = {"action": "terminate", "time": "2026-12-02T12:00:00Z"}
     (d / sandbox_imds.NOTICE).write_text(json.dumps(notice))
     assert watchdog.spot_notice(base, 2.0) == ("notice", notice)
+
+
+def test_botocore_takes_the_node_roles_credentials_from_it(imds, monkeypatch, tmp_path):
+    """What the sandbox's sshd tells node sessions (AWS_EC2_METADATA_SERVICE_ENDPOINT, no ~/.aws) is enough
+    for boto3's own chain to find credentials, as with an instance profile on EC2."""
+    import botocore.session
+
+    base, _ = imds
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", base)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    creds = botocore.session.Session().get_credentials()
+    assert creds is not None and creds.method == "iam-role"
+    frozen = creds.get_frozen_credentials()
+    assert (frozen.access_key, frozen.token) == ("testing", "sandbox-session-token")
