@@ -850,11 +850,19 @@ def said_interrupted(ws: Workspace, record: RunRecord, hit: list[Node], status: 
     start, end = status.get("started_at"), status.get("ended_at")
     took = _seconds(start, end)
     spent = attempt_of(record.__dict__, start, end, status.get("exit_code"), took)["estimated_cost_usd"]
+    kept = status.get("kept")
     echo(
         f"run {record.run_id}: spot interruption on {', '.join(n.alias for n in hit)} (AWS ends it at "
-        f"{notice.get('time', '?')}); the job was stopped and its final upload is done: the results are kept "
-        f"in the runs bucket {ws.settings.runs_bucket}"
+        f"{notice.get('time', '?')}); the job was stopped"
+        + (
+            f" and its final upload is done: the results are kept in the runs bucket {ws.settings.runs_bucket}"
+            if isinstance(kept, dict) and kept.get("complete")
+            else ""
+        )
     )
+    warning = kept_warning(status, record.run_id, hit[0].alias)
+    if warning:  # a resume then starts from what the bucket has, maybe nothing
+        echo(warning)
     if took is not None:
         echo(
             f"this attempt ran {took:.0f} s"

@@ -26,6 +26,34 @@ def cluster(module_project: Project):
     p.inv("destroy", "--yes", check=False, timeout=300)
 
 
+def fit_interrupted(
+    cluster: Project, job: Path, extra: list[str], prefix: str, key_suffix: str, notice_in: int, timeout: float
+) -> tuple[str, str]:
+    """An attached `inv fit --max-recoveries 1` whose spot node is interrupted once a new key ending in
+    `key_suffix` (its first checkpoint) is in the bucket under `prefix`; fit's (stdout, stderr), after exit 0."""
+    import subprocess
+
+    from tests.conftest import INV
+
+    known = set(bucket_keys(cluster, prefix))
+    fit = subprocess.Popen(
+        [INV, "fit", str(job), "--max-recoveries", "1", *extra],
+        cwd=cluster.cwd, env=cluster.env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not any(k.endswith(key_suffix) and k not in known for k in bucket_keys(cluster, prefix)):
+            assert time.monotonic() < deadline and fit.poll() is None, "the first attempt never checkpointed"
+            time.sleep(0.5)
+        cluster.inv("sandbox.interrupt", "--in", str(notice_in), timeout=60)
+        out, err = fit.communicate(timeout=timeout)
+    finally:
+        fit.kill()
+    assert fit.returncode == 0, out + err
+    return out, err
+
+
 def test_a_spot_interruption_keeps_the_checkpoint_and_resume_finishes_on_a_new_node(cluster: Project, tmp_path: Path):
     """`inv sandbox.interrupt` delivers what AWS does: a notice on the node's IMDS (the job gets SIGTERM and
     checkpoints; its final upload lands), then the instance and its disk are gone. The README's recovery by
@@ -69,29 +97,11 @@ def test_a_spot_interruption_keeps_the_checkpoint_and_resume_finishes_on_a_new_n
 def test_an_attached_fit_recovers_from_a_spot_interruption_and_finishes(cluster: Project, tmp_path: Path):
     """`inv fit` following a spot run: the notice ends the attempt (checkpoint kept), fit re-applies the same
     spec and resumes the run on the new node, which finishes; run.json shows both attempts."""
-    import subprocess
-
-    from tests.conftest import INV
-
     cluster.inv("apply", "--spot", "--yes", timeout=400)
     (node,) = cluster.workspace().sandbox.nodes()
     toml = 'sync_every = 1\n[env]\nPAUSE = "0.25"\nSTEPS = "2000"\n'
     job = make_job(tmp_path, "recovers", {"train.py": COUNTS, "job.toml": toml})
-    fit = subprocess.Popen(
-        [INV, "fit", str(job), "--max-recoveries", "1"],
-        cwd=cluster.cwd, env=cluster.env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not any(k.endswith("/outputs/step.txt") for k in bucket_keys(cluster, "test/recovers/")):
-            assert time.monotonic() < deadline and fit.poll() is None, "the first attempt never checkpointed"
-            time.sleep(0.5)
-        cluster.inv("sandbox.interrupt", "--in", "60", timeout=60)
-        out, err = fit.communicate(timeout=600)
-    finally:
-        fit.kill()
-    assert fit.returncode == 0, out + err
+    out, err = fit_interrupted(cluster, job, [], "test/recovers/", "/outputs/step.txt", notice_in=60, timeout=600)
     first = run_id_of(err)
     assert "spot interruption on rf-test-0" in err and f"recovering run {first}" in err, err
     assert "recovery: 1 node(s) ready" in err and f"resuming run {first} as attempt 2" in err, err
@@ -113,32 +123,13 @@ def test_resnet_interrupted_on_spot_recovers_to_the_same_weights_as_an_uninterru
 ):
     """The issue's own test: jobs/resnet on a spot node, interrupted mid-training; the attached `inv fit`
     recovers on a new node and finishes with weights bit-identical to an uninterrupted deterministic run."""
-    import subprocess
-
-    from tests.conftest import INV
-
     job = resnet_copy(tmp_path)
     cluster.inv("apply", "--spot", "--yes", timeout=400)
     whole = cluster.inv("fit", str(job), "--", *RESNET_ARGS, timeout=600)
     reference = json.loads((cluster.runs / "resnet" / run_id_of(whole.stderr) / "summary.json").read_text())
-    fit = subprocess.Popen(
-        [INV, "fit", str(job), "--max-recoveries", "1", "--", *RESNET_ARGS],
-        cwd=cluster.cwd, env=cluster.env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        known = set(bucket_keys(cluster, "test/resnet/"))
-        while not any(
-            k.endswith("/outputs/checkpoint.pt") and k not in known for k in bucket_keys(cluster, "test/resnet/")
-        ):
-            assert time.monotonic() < deadline and fit.poll() is None, "the first attempt never checkpointed"
-            time.sleep(0.5)
-        cluster.inv("sandbox.interrupt", "--in", "30", timeout=60)
-        out, err = fit.communicate(timeout=900)
-    finally:
-        fit.kill()
-    assert fit.returncode == 0, out + err
+    out, err = fit_interrupted(
+        cluster, job, ["--", *RESNET_ARGS], "test/resnet/", "/outputs/checkpoint.pt", notice_in=30, timeout=900
+    )
     assert "spot interruption on rf-test-0" in err and "resuming from" in out, out + err
     second = re.search(r"run (\S+) finished with exit code 0", err).group(1)
     run = cluster.runs / "resnet" / second
