@@ -816,6 +816,14 @@ def fit(
     hit = [t.node for t, st in zip(ts, statuses, strict=True) if st.get("spot_notice")]
     if hit and ws is not None and not local:
         said_interrupted(ws, record, hit, statuses[0])
+        home = None
+        if not all(isinstance(st.get("kept"), dict) and st["kept"].get("complete") for st in statuses):
+            # Not all of it is in the bucket: bring it home from the nodes before anything ends them.
+            try:
+                home = pull_run(paths, record, ts, codes, statuses)
+                echo(f"run {run_id}: results pulled to {home}")
+            except UserError as exc:
+                echo(f"warning: could not pull run {run_id} from its nodes: {exc.message}")
         if max_recoveries > 0:
             from remotefit import nodes as nd
 
@@ -832,7 +840,7 @@ def fit(
             f"no recoveries left (--max-recoveries): resume by hand with `inv apply --spot`, then "
             f"`inv fit {job.path} --resume {run_id}`"
         )
-        kept = pull_kept(ws, record)  # the node is being reclaimed: its results are in the runs bucket
+        kept = home or pull_kept(ws, record)  # the node is being reclaimed: its results are in the runs bucket
         echo(f"run {run_id} was interrupted (exit code {final}); results in {kept}")
         return final
     dest = pull_run(paths, record, ts, codes, statuses)
