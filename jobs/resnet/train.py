@@ -31,6 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line. Long but flat: one add_argument per option, in the order --help lists them."""
     p = _Parser(
         prog=PROG,
         description="Train a CIFAR-style ResNet-18 (CPU, GPU, or torchrun).",
@@ -843,7 +845,7 @@ def write_outputs(outputs: Path, prog: Progress, summary: dict, title: str, curv
         plot_curves(history, outputs / "curves.png", title)
 
 
-# ------------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------ signals and device
 class StopFlag:
     """Remembers SIGTERM/SIGINT; the loop acts on it at the next step boundary. A second Ctrl-C aborts."""
 
@@ -892,310 +894,392 @@ def configure_backends(args: argparse.Namespace, device: torch.device, dctx: Dis
     return f"cpu fp32 {layout}, {threads} thread{'s' if threads > 1 else ''}"
 
 
+# ---------------------------------------------------------------------------------------------- the run
+# run() is the whole job, top to bottom: setup (device, data, model), resume (checkpoint), the epochs
+# (train_epoch, end_epoch), the report (finish). The steps follow it in that order. Steps marked collective
+# are called by every rank at the same step under torchrun (they all-reduce or gather): none may be skipped
+# on one rank alone, or the others wait forever.
+@dataclass
+class Setup:
+    """What every step reads and none changes: the arguments, this process's place, the data and the model."""
+
+    args: argparse.Namespace
+    stop: StopFlag
+    dctx: DistContext
+    log: Callable[..., None]  # print on rank 0, silent on the others
+    started: float  # perf_counter() when the run began: summary.json's wall_seconds
+    device: torch.device
+    describe: str  # device, math and memory layout, for the log and summary.json
+    outputs: Path
+    ckpt_path: Path
+    data: Data
+    steps_per_epoch: int
+    trainer: Trainer  # model, optimizer, schedule, the training step
+    feeder: BatchFeeder
+    x_test: torch.Tensor  # on the device when the training set is
+    y_test: torch.Tensor
+    title: str  # curves.png's
+    signal_every: int  # steps between two looks at the stop flag (see setup)
+
+
+@dataclass
+class TrainState:
+    """What the steps change: the progress record (checkpointed) and the steps not yet booked into it."""
+
+    prog: Progress
+    resume_from: Path | None = None  # the checkpoint this run resumed from, if any
+    scalars: Scalars | None = None  # rank 0's TensorBoard writer, made at the first epoch's end
+    loss_acc: torch.Tensor | None = None  # the epoch's loss sum, kept on the device: no host sync per step
+    t0: float = 0.0  # when the steps not yet booked began
+    steps: int = 0  # how many steps are not yet booked
+
+
 def run(args: argparse.Namespace, stop: StopFlag, dctx: DistContext) -> int:
-    """Train: data and model, then resume from a checkpoint if there is one, then the epochs, then the report."""
-    job = TrainingRun(args, stop, dctx)  # data, model, optimizer
-    job.resume()  # from the checkpoint, when there is one
-    return job.train()  # the loop; checkpoints and outputs on the way; the exit code
-
-
-class TrainingRun:
-    """One run of the job, in the order it happens. Methods marked collective are called by every rank at the
-    same step under torchrun (they all-reduce or gather)."""
-
-    # ---- data and model
-    def __init__(self, args: argparse.Namespace, stop: StopFlag, dctx: DistContext) -> None:
-        self.started = time.perf_counter()
-        self.args, self.stop, self.dctx = args, stop, dctx
-        self.log = print if dctx.is_main else (lambda *a, **k: None)
-        self.device = device = pick_device(args.device, dctx)
-        dctx.init(device)
-        self.describe = configure_backends(args, device, dctx)
-        self.outputs: Path = args.outputs
-        self.ckpt_path = self.outputs / CHECKPOINT
-        self.data = data = load_data(args, dctx)
-        if len(data.x_train) < args.batch_size * dctx.world:
-            procs = f" x {dctx.world} processes" if dctx.world > 1 else ""
-            raise UsageError(
-                f"--batch-size {args.batch_size}{procs} is larger than the "
-                f"{len(data.x_train)}-sample training set of --data {data.name}; "
-                "use a smaller --batch-size"
-            )
-        self.steps_per_epoch = len(data.x_train) // (args.batch_size * dctx.world)
-        self.trainer = Trainer(args, data, device, dctx, self.steps_per_epoch)
-        self.feeder = BatchFeeder(data.x_train, data.y_train, device, args.workers)
-        self.x_test, self.y_test = data.x_test, data.y_test
-        if self.feeder.on_device:
-            self.x_test, self.y_test = data.x_test.to(device), data.y_test.to(device)
-        self.title = f"ResNet-18 (width {args.width}) on {data.name}, {args.image_size}px, batch {args.batch_size}" + (
-            f" x {dctx.world} processes" if dctx.world > 1 else ""
+    """Train: data and model, then resume from a checkpoint if there is one, then the epochs, then the report.
+    Returns the exit code: 0, or 143/130 after SIGTERM/SIGINT (with a checkpoint saved)."""
+    job = setup(args, stop, dctx)  # device, data, model, optimizer
+    state = resume(job)  # from the checkpoint, when there is one
+    prog = state.prog
+    if prog.epoch >= args.epochs:  # a finished job run again: report, do not train again
+        job.log(
+            f"training already finished (checkpoint {state.resume_from} is at epoch {prog.epoch}/{args.epochs}); "
+            "use --no-resume or another --outputs to train again",
+            flush=True,
         )
-        # Under torchrun every rank must stop at the same step, so the signal flag is all-reduced: on CPU at
+        return finish(job, state, "completed", 0)
+    reason = stop_reason(job, state, force=True)  # a signal while loading, or resumed at --max-steps
+    if reason:
+        if prog.step > 0:
+            save_checkpoint(job, state)
+        return exit_for(job, state, reason)
+    state.loss_acc = torch.zeros((), dtype=torch.float64, device=job.device)
+    while prog.epoch < args.epochs:
+        reason = train_epoch(job, state)
+        if reason and prog.batch < job.steps_per_epoch:  # stopped mid-epoch; train_epoch saved a checkpoint
+            return exit_for(job, state, reason)
+        end_epoch(job, state)  # evaluate, metrics, checkpoint, running outputs
+        reason = reason or stop_reason(job, state, force=True)
+        if reason and prog.epoch < args.epochs:
+            return exit_for(job, state, reason)
+    code = finish(job, state, "completed", 0)
+    best = max(m["test_acc"] for m in prog.history)
+    job.log(
+        f"done: test_acc {prog.history[-1]['test_acc']:.4f} (best {best:.4f}), {prog.step} steps, "
+        f"{time.perf_counter() - job.started:.1f} s; outputs in {job.outputs}/",
+        flush=True,
+    )
+    return code
+
+
+# ---- step 1: device, data, model
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0: under torchrun only rank 0 speaks."""
+
+
+def steps_per_epoch_for(args: argparse.Namespace, data: Data, dctx: DistContext) -> int:
+    """Full batches per epoch on each rank (a last partial batch is dropped); a UsageError when there are none."""
+    if len(data.x_train) < args.batch_size * dctx.world:
+        procs = f" x {dctx.world} processes" if dctx.world > 1 else ""
+        raise UsageError(
+            f"--batch-size {args.batch_size}{procs} is larger than the "
+            f"{len(data.x_train)}-sample training set of --data {data.name}; "
+            "use a smaller --batch-size"
+        )
+    return len(data.x_train) // (args.batch_size * dctx.world)
+
+
+def setup(args: argparse.Namespace, stop: StopFlag, dctx: DistContext) -> Setup:
+    """Collective. Device, data, then the model (Trainer seeds it): all the loop needs. Ends with the one-line
+    header, the sign that training starts now."""
+    started = time.perf_counter()
+    log = print if dctx.is_main else _quiet
+    device = pick_device(args.device, dctx)
+    dctx.init(device)  # the process group, before load_data's first collective
+    describe = configure_backends(args, device, dctx)
+    data = load_data(args, dctx)
+    steps_per_epoch = steps_per_epoch_for(args, data, dctx)
+    trainer = Trainer(args, data, device, dctx, steps_per_epoch)  # model, optimizer, schedule, DDP
+    feeder = BatchFeeder(data.x_train, data.y_train, device, args.workers)
+    x_test, y_test = data.x_test, data.y_test
+    if feeder.on_device:  # evaluate where the training set lives
+        x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    procs = f" x {dctx.world} processes" if dctx.world > 1 else ""
+    job = Setup(
+        args=args,
+        stop=stop,
+        dctx=dctx,
+        log=log,
+        started=started,
+        device=device,
+        describe=describe,
+        outputs=args.outputs,
+        ckpt_path=args.outputs / CHECKPOINT,
+        data=data,
+        steps_per_epoch=steps_per_epoch,
+        trainer=trainer,
+        feeder=feeder,
+        x_test=x_test,
+        y_test=y_test,
+        title=f"ResNet-18 (width {args.width}) on {data.name}, {args.image_size}px, batch {args.batch_size}{procs}",
+        # Under torchrun every rank must stop at the same step, so the stop flag is all-reduced: on CPU at
         # every step (cheap), with NCCL every 10th step (each check syncs the GPU with the host).
-        self.signal_every = 10 if dctx.initialized and device.type == "cuda" else 1
-        self.prog = Progress(history=[])
-        self.scalars: Scalars | None = None  # rank 0's TensorBoard writer, made at the first epoch's end
-        self.resume_from: Path | None = None
-        self.log(
-            f"resnet18 width {args.width} | {data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
-            f"{args.image_size}px | {self.describe} | {dctx.world} process{'es' if dctx.world > 1 else ''} | "
-            f"{self.steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.batch_size}",
-            flush=True,
-        )
+        signal_every=10 if dctx.initialized and device.type == "cuda" else 1,
+    )
+    log(
+        f"resnet18 width {args.width} | {data.name}: {len(data.x_train)} train / {len(data.x_test)} test, "
+        f"{args.image_size}px | {describe} | {dctx.world} process{'es' if dctx.world > 1 else ''} | "
+        f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.batch_size}",
+        flush=True,
+    )
+    return job
 
-    # ---- resume: rank 0 reads the checkpoint, everyone gets it (nodes need not share a disk)
-    def resume(self) -> None:
-        """Collective. Load model, optimizer, schedule, RNG and progress from the checkpoint, if any."""
-        args, dctx = self.args, self.dctx
-        if args.resume is not None and not args.no_resume:
-            self.resume_from = Path(args.resume) if args.resume else self.ckpt_path
-        elif not args.no_resume and self.ckpt_path.exists():
-            self.resume_from = self.ckpt_path
-        if self.resume_from is None:
-            return
-        payload: dict | str | None = None
-        if dctx.is_main:
-            try:
-                payload = load_checkpoint(self.resume_from)
-                want, have = resume_args(args, dctx.world), payload.get("args", {})
-                diff = [k for k in RESUME_KEYS if have.get(k) != want[k]]
-                if diff:
-                    k = diff[0]
-                    flag = "--" + k.replace("_", "-") if k != "world_size" else "the number of processes"
-                    payload = (
-                        f"checkpoint {self.resume_from} was written with {flag} {have.get(k)}, this run "
-                        f"has {want[k]}; use the same arguments, another --outputs, or --no-resume"
-                    )
-            except UsageError as e:
-                payload = str(e)
-        payload = dctx.broadcast_object(payload)
-        if isinstance(payload, str):
-            raise UsageError(payload)
-        self.trainer.model.load_state_dict(payload["model"])
-        self.trainer.optimizer.load_state_dict(payload["optimizer"])
-        self.trainer.scheduler.load_state_dict(payload["scheduler"])
-        set_rng_state(payload["rng"])
-        self.prog = Progress(**payload["progress"])
-        if not dctx.is_main:  # rank 0 carries the epoch's loss sum so far; see checkpoint()
-            self.prog.loss_sum, self.prog.loss_count = 0.0, 0
-        self.log(f"resuming from {self.resume_from}: epoch {self.prog.epoch + 1}, step {self.prog.step}", flush=True)
 
-    # ---- the loop
-    def train(self) -> int:
-        """Collective. Run the remaining epochs; stop early, with a checkpoint, on a signal or --max-steps."""
-        args, prog = self.args, self.prog
-        if prog.epoch >= args.epochs:
-            self.log(
-                f"training already finished (checkpoint {self.resume_from} is at epoch {prog.epoch}/{args.epochs}); "
-                "use --no-resume or another --outputs to train again",
-                flush=True,
-            )
-            return self.finish("completed", 0)
-        reason = self.stop_reason(force=True)
-        if reason:
-            if prog.step > 0:
-                self.checkpoint()
-            return self.exit_for(reason)
-        self.loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on device: no sync
-        while prog.epoch < args.epochs:
-            reason = self.train_epoch()
-            if reason and prog.batch < self.steps_per_epoch:
-                return self.exit_for(reason)
-            self.end_epoch()
-            reason = reason or self.stop_reason(force=True)
-            if reason and prog.epoch < args.epochs:
-                return self.exit_for(reason)
-        code = self.finish("completed", 0)
-        best = max(m["test_acc"] for m in prog.history)
-        self.log(
-            f"done: test_acc {prog.history[-1]['test_acc']:.4f} (best {best:.4f}), {prog.step} steps, "
-            f"{time.perf_counter() - self.started:.1f} s; outputs in {self.outputs}/",
-            flush=True,
-        )
-        return code
-
-    def train_epoch(self) -> str | None:
-        """Collective. The epoch's remaining batches; returns why it stopped early, if it did."""
-        args, prog, dctx = self.args, self.prog, self.dctx
-        index = shard_batches(
-            epoch_order(len(self.data.x_train), args.seed, prog.epoch), dctx.rank, dctx.world, args.batch_size
-        )
-        self.loss_acc.fill_(prog.loss_sum)
-        self.t0, self.steps = time.perf_counter(), 0
-        reason = None
-        batches = self.feeder.batches(index, prog.batch)
-        for x, y in batches:
-            self.loss_acc += self.trainer.train_step(x, y, prog.step)
-            prog.step += 1
-            prog.batch += 1
-            self.steps += 1
-            reason = self.stop_reason()
-            mid_epoch = prog.batch < self.steps_per_epoch
-            if (reason and mid_epoch) or (args.checkpoint_every and prog.step % args.checkpoint_every == 0):
-                self.book()
-                self.checkpoint()  # may move this rank's loss sum to rank 0
-                self.loss_acc.fill_(prog.loss_sum)
-                if reason and mid_epoch:
-                    break
-        batches.close()
-        self.book()
-        return reason
-
-    def book(self) -> None:
-        """Fold the steps since the last call into the progress record (times, samples, loss sum)."""
-        prog, done = self.prog, self.steps * self.args.batch_size * self.dctx.world
-        dt = time.perf_counter() - self.t0
-        prog.loss_sum = float(self.loss_acc)
-        prog.loss_count += self.steps
-        prog.epoch_samples += done
-        prog.samples_total += done
-        prog.epoch_seconds += dt
-        prog.train_seconds_total += dt
-        self.t0, self.steps = time.perf_counter(), 0
-
-    def end_epoch(self) -> None:
-        """Collective. Evaluate, record the epoch's metrics, checkpoint, and write the running outputs."""
-        args, prog = self.args, self.prog
-        sums = self.reduced_loss()
-        train_loss = float(sums[0] / max(sums[1], 1))
-        test_loss, test_acc = self.trainer.evaluate(self.x_test, self.y_test)
-        lr = self.trainer.optimizer.param_groups[0]["lr"]
-        row = {
-            "epoch": prog.epoch + 1,
-            "step": prog.step,
-            "train_loss": round(train_loss, 5),
-            "test_loss": round(test_loss, 5),
-            "test_acc": round(test_acc, 5),
-            "samples_per_s": round(prog.epoch_samples / max(prog.epoch_seconds, 1e-9), 1),
-            "lr": lr,
-            "seconds": round(prog.epoch_seconds, 3),
-        }
-        prog.history.append(row)
-        if self.dctx.is_main:
-            self.scalars = self.scalars or Scalars(self.outputs / "tb")
-            self.scalars.add(row)
-        prog.epoch += 1
-        prog.batch = prog.epoch_samples = prog.loss_count = 0
-        prog.loss_sum = prog.epoch_seconds = 0.0
-        self.log(
-            f"epoch {row['epoch']:>3}/{args.epochs}  step {row['step']:>6}  train_loss {train_loss:.4f}  "
-            f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  lr {lr:.4g}  "
-            f"{row['samples_per_s']:.0f} samples/s  {row['seconds']:.1f} s",
-            flush=True,
-        )
-        self.checkpoint()
-        running = self.summary("running")  # collective: gathers every rank's weights hash
-        if self.dctx.is_main:
-            write_outputs(self.outputs, prog, running, self.title, curves=False)
-
-    def stop_reason(self, force: bool = False) -> str | None:
-        """Collective when distributed: every rank calls it at the same steps and gets the same answer."""
-        dctx, prog = self.dctx, self.prog
-        if dctx.initialized and (force or prog.step % self.signal_every == 0):
-            flag = torch.tensor([0 if self.stop.signum is None else 1], device=self.device)
-            dctx.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopping = bool(flag.item())
-        else:
-            stopping = not dctx.initialized and self.stop.signum is not None
-        if stopping:
-            return "signal"
-        if self.args.max_steps is not None and prog.step >= self.args.max_steps:
-            return "max_steps"
+# ---- step 2: the checkpoint. Rank 0 reads and writes it; the others get it by broadcast (nodes need not
+# share a disk).
+def resume_path(args: argparse.Namespace, ckpt_path: Path) -> Path | None:
+    """--resume PATH (bare --resume: <outputs>/checkpoint.pt), else <outputs>/checkpoint.pt when it exists;
+    None with --no-resume."""
+    if args.no_resume:
         return None
+    if args.resume is not None:
+        return Path(args.resume) if args.resume else ckpt_path
+    return ckpt_path if ckpt_path.exists() else None
 
-    # ---- checkpoint
-    def reduced_loss(self) -> torch.Tensor:
-        """Collective: BN buffers synced, then [loss sum, loss count] summed over ranks."""
-        self.trainer.sync_buffers()
-        on_gpu = self.dctx.initialized and self.device.type == "cuda"
-        return self.dctx.all_reduce(
-            torch.tensor(
-                [self.prog.loss_sum, self.prog.loss_count],
-                dtype=torch.float64,
-                device=self.device if on_gpu else "cpu",
-            )
+
+def read_resume_payload(args: argparse.Namespace, world: int, path: Path) -> dict | str:
+    """Rank 0: the checkpoint at `path`, or the one error line to fail with (unreadable, or written by a run
+    with other arguments, which would not continue the same training)."""
+    try:
+        payload = load_checkpoint(path)
+    except UsageError as e:
+        return str(e)
+    want, have = resume_args(args, world), payload.get("args", {})
+    diff = [k for k in RESUME_KEYS if have.get(k) != want[k]]
+    if not diff:
+        return payload
+    k = diff[0]
+    flag = "--" + k.replace("_", "-") if k != "world_size" else "the number of processes"
+    return (
+        f"checkpoint {path} was written with {flag} {have.get(k)}, this run "
+        f"has {want[k]}; use the same arguments, another --outputs, or --no-resume"
+    )
+
+
+def resume(job: Setup) -> TrainState:
+    """Collective. A fresh TrainState, or one resumed from the checkpoint: model, optimizer, schedule, RNG and
+    progress all restored."""
+    state = TrainState(prog=Progress(history=[]), resume_from=resume_path(job.args, job.ckpt_path))
+    if state.resume_from is None:
+        return state
+    payload = read_resume_payload(job.args, job.dctx.world, state.resume_from) if job.dctx.is_main else None
+    payload = job.dctx.broadcast_object(payload)
+    if isinstance(payload, str):  # every rank fails with rank 0's message
+        raise UsageError(payload)
+    job.trainer.model.load_state_dict(payload["model"])
+    job.trainer.optimizer.load_state_dict(payload["optimizer"])
+    job.trainer.scheduler.load_state_dict(payload["scheduler"])
+    set_rng_state(payload["rng"])
+    state.prog = prog = Progress(**payload["progress"])
+    if not job.dctx.is_main:  # rank 0 carries the epoch's loss sum so far; see save_checkpoint()
+        prog.loss_sum, prog.loss_count = 0.0, 0
+    job.log(f"resuming from {state.resume_from}: epoch {prog.epoch + 1}, step {prog.step}", flush=True)
+    return state
+
+
+def reduced_loss(job: Setup, state: TrainState) -> torch.Tensor:
+    """Collective: BN buffers synced, then [loss sum, loss count] summed over ranks."""
+    job.trainer.sync_buffers()
+    on_gpu = job.dctx.initialized and job.device.type == "cuda"
+    return job.dctx.all_reduce(
+        torch.tensor(
+            [state.prog.loss_sum, state.prog.loss_count],
+            dtype=torch.float64,
+            device=job.device if on_gpu else "cpu",
         )
+    )
 
-    def checkpoint(self) -> None:
-        """Collective (all ranks call it at the same step); rank 0 writes."""
-        args, prog, dctx, trainer = self.args, self.prog, self.dctx, self.trainer
-        sums = self.reduced_loss()
-        if not dctx.is_main:
-            prog.loss_sum, prog.loss_count = 0.0, 0
-            return
-        prog.loss_sum, prog.loss_count = float(sums[0]), int(sums[1])
-        state = {
-            "format": CKPT_FORMAT,
-            "model": trainer.model.state_dict(),
-            "optimizer": trainer.optimizer.state_dict(),
-            "scheduler": trainer.scheduler.state_dict(),
-            "progress": vars(prog).copy(),
-            "args": resume_args(args, dctx.world),
-            "rng": rng_state(),
-            "data_order": {
-                "seed": args.seed,
-                "epoch": prog.epoch,
-                "batch": prog.batch,
-                "world_size": dctx.world,
-                "batch_size": args.batch_size,
-                "scheme": "randperm(seed*1000003+epoch)[rank::world]; augmentation from (seed, step, rank)",
-            },
-        }
-        atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
 
-    # ---- report
-    def summary(self, status: str) -> dict:
-        """Collective (gathers every rank's weights hash): what summary.json holds."""
-        args, prog, dctx, data = self.args, self.prog, self.dctx, self.data
-        hist = prog.history or []
-        hashes = dctx.all_gather_object(weights_sha256(self.trainer.model))
-        return {
-            "status": status,
-            "best_test_acc": max((m["test_acc"] for m in hist), default=None),
-            "final_test_acc": hist[-1]["test_acc"] if hist else None,
-            "final_test_loss": hist[-1]["test_loss"] if hist else None,
-            "epochs": prog.epoch,
-            "epochs_planned": args.epochs,
-            "steps": prog.step,
-            "steps_per_epoch": self.steps_per_epoch,
-            "wall_seconds": round(time.perf_counter() - self.started, 3),
-            "train_seconds": round(prog.train_seconds_total, 3),
-            "samples_per_s": round(prog.samples_total / max(prog.train_seconds_total, 1e-9), 1),
-            "device": self.describe,
-            "data": data.name,
-            "train_samples": len(data.x_train),
-            "test_samples": len(data.x_test),
+def save_checkpoint(job: Setup, state: TrainState) -> None:
+    """Collective (all ranks call it at the same step); rank 0 writes, atomically: a kill mid-write leaves the
+    previous checkpoint. The epoch's loss sum moves to rank 0, so the file holds all of it."""
+    args, prog, dctx, trainer = job.args, state.prog, job.dctx, job.trainer
+    sums = reduced_loss(job, state)
+    if not dctx.is_main:
+        prog.loss_sum, prog.loss_count = 0.0, 0
+        return
+    prog.loss_sum, prog.loss_count = float(sums[0]), int(sums[1])
+    ckpt = {
+        "format": CKPT_FORMAT,
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "progress": vars(prog).copy(),
+        "args": resume_args(args, dctx.world),
+        "rng": rng_state(),
+        "data_order": {
+            "seed": args.seed,
+            "epoch": prog.epoch,
+            "batch": prog.batch,
             "world_size": dctx.world,
-            "weights_sha256": hashes[0],
-            "weights_sha256_per_rank": hashes,
-            "torch": torch.__version__,
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        }
+            "batch_size": args.batch_size,
+            "scheme": "randperm(seed*1000003+epoch)[rank::world]; augmentation from (seed, step, rank)",
+        },
+    }
+    atomic_write(job.ckpt_path, lambda f: torch.save(ckpt, f))
 
-    def finish(self, status: str, code: int) -> int:
-        """Collective. Write the final outputs (metrics, summary, curves) and return the exit code."""
-        s = self.summary(status)
-        if self.dctx.is_main:
-            write_outputs(self.outputs, self.prog, s, self.title, curves=True)
-        self.dctx.barrier()
-        return code
 
-    def exit_for(self, reason: str) -> int:
-        args, prog = self.args, self.prog
-        if reason == "max_steps":
-            self.log(
-                f"stopped at --max-steps {args.max_steps} (step {prog.step}); checkpoint in {self.ckpt_path}",
-                flush=True,
-            )
-            return self.finish("stopped_max_steps", 0)
-        signum = self.stop.signum if self.stop.signum is not None else signal.SIGTERM
-        self.log(
-            f"received {signal.Signals(signum).name}: checkpoint saved at step {prog.step} in {self.ckpt_path}",
+# ---- step 3: the loop
+def stop_reason(job: Setup, state: TrainState, force: bool = False) -> str | None:
+    """Collective when distributed: every rank calls it at the same steps and gets the same answer."""
+    dctx, prog = job.dctx, state.prog
+    if dctx.initialized and (force or prog.step % job.signal_every == 0):
+        flag = torch.tensor([0 if job.stop.signum is None else 1], device=job.device)
+        dctx.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stopping = bool(flag.item())
+    else:
+        stopping = not dctx.initialized and job.stop.signum is not None
+    if stopping:
+        return "signal"
+    if job.args.max_steps is not None and prog.step >= job.args.max_steps:
+        return "max_steps"
+    return None
+
+
+def train_epoch(job: Setup, state: TrainState) -> str | None:
+    """Collective. The epoch's remaining batches; returns why it stopped early, if it did (after a checkpoint
+    when that was mid-epoch)."""
+    args, prog, dctx = job.args, state.prog, job.dctx
+    # This rank's share of the epoch's order; a resumed epoch starts at the first batch not yet trained.
+    order = epoch_order(len(job.data.x_train), args.seed, prog.epoch)
+    index = shard_batches(order, dctx.rank, dctx.world, args.batch_size)
+    state.loss_acc.fill_(prog.loss_sum)
+    state.t0, state.steps = time.perf_counter(), 0
+    reason = None
+    batches = job.feeder.batches(index, prog.batch)
+    for x, y in batches:
+        state.loss_acc += job.trainer.train_step(x, y, prog.step)
+        prog.step += 1
+        prog.batch += 1
+        state.steps += 1
+        reason = stop_reason(job, state)
+        mid_epoch = prog.batch < job.steps_per_epoch
+        if (reason and mid_epoch) or (args.checkpoint_every and prog.step % args.checkpoint_every == 0):
+            book(state, args.batch_size * dctx.world)
+            save_checkpoint(job, state)  # may move this rank's loss sum to rank 0
+            state.loss_acc.fill_(prog.loss_sum)
+            if reason and mid_epoch:
+                break
+    batches.close()  # stops the prefetch thread of an epoch left early
+    book(state, args.batch_size * dctx.world)
+    return reason
+
+
+def book(state: TrainState, samples_per_step: int) -> None:
+    """Fold the steps since the last call into the progress record (times, samples, loss sum)."""
+    prog, done = state.prog, state.steps * samples_per_step
+    dt = time.perf_counter() - state.t0
+    prog.loss_sum = float(state.loss_acc)
+    prog.loss_count += state.steps
+    prog.epoch_samples += done
+    prog.samples_total += done
+    prog.epoch_seconds += dt
+    prog.train_seconds_total += dt
+    state.t0, state.steps = time.perf_counter(), 0
+
+
+def end_epoch(job: Setup, state: TrainState) -> None:
+    """Collective. Evaluate, record the epoch's metrics, checkpoint, and write the running outputs."""
+    args, prog = job.args, state.prog
+    sums = reduced_loss(job, state)
+    train_loss = float(sums[0] / max(sums[1], 1))
+    test_loss, test_acc = job.trainer.evaluate(job.x_test, job.y_test)
+    lr = job.trainer.optimizer.param_groups[0]["lr"]
+    row = {
+        "epoch": prog.epoch + 1,
+        "step": prog.step,
+        "train_loss": round(train_loss, 5),
+        "test_loss": round(test_loss, 5),
+        "test_acc": round(test_acc, 5),
+        "samples_per_s": round(prog.epoch_samples / max(prog.epoch_seconds, 1e-9), 1),
+        "lr": lr,
+        "seconds": round(prog.epoch_seconds, 3),
+    }
+    prog.history.append(row)
+    if job.dctx.is_main:
+        state.scalars = state.scalars or Scalars(job.outputs / "tb")
+        state.scalars.add(row)
+    prog.epoch += 1
+    prog.batch = prog.epoch_samples = prog.loss_count = 0
+    prog.loss_sum = prog.epoch_seconds = 0.0
+    job.log(
+        f"epoch {row['epoch']:>3}/{args.epochs}  step {row['step']:>6}  train_loss {train_loss:.4f}  "
+        f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  lr {lr:.4g}  "
+        f"{row['samples_per_s']:.0f} samples/s  {row['seconds']:.1f} s",
+        flush=True,
+    )
+    save_checkpoint(job, state)
+    running = run_summary(job, state, "running")  # collective: gathers every rank's weights hash
+    if job.dctx.is_main:  # outputs that are current after every epoch, should the run die later
+        write_outputs(job.outputs, prog, running, job.title, curves=False)
+
+
+# ---- step 4: the report
+def run_summary(job: Setup, state: TrainState, status: str) -> dict:
+    """Collective (gathers every rank's weights hash): what summary.json holds."""
+    args, prog, dctx, data = job.args, state.prog, job.dctx, job.data
+    hist = prog.history or []
+    hashes = dctx.all_gather_object(weights_sha256(job.trainer.model))
+    return {
+        "status": status,
+        "best_test_acc": max((m["test_acc"] for m in hist), default=None),
+        "final_test_acc": hist[-1]["test_acc"] if hist else None,
+        "final_test_loss": hist[-1]["test_loss"] if hist else None,
+        "epochs": prog.epoch,
+        "epochs_planned": args.epochs,
+        "steps": prog.step,
+        "steps_per_epoch": job.steps_per_epoch,
+        "wall_seconds": round(time.perf_counter() - job.started, 3),
+        "train_seconds": round(prog.train_seconds_total, 3),
+        "samples_per_s": round(prog.samples_total / max(prog.train_seconds_total, 1e-9), 1),
+        "device": job.describe,
+        "data": data.name,
+        "train_samples": len(data.x_train),
+        "test_samples": len(data.x_test),
+        "world_size": dctx.world,
+        "weights_sha256": hashes[0],
+        "weights_sha256_per_rank": hashes,
+        "torch": torch.__version__,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+
+
+def finish(job: Setup, state: TrainState, status: str, code: int) -> int:
+    """Collective. Write the final outputs (metrics, summary, curves) and return the exit code."""
+    s = run_summary(job, state, status)
+    if job.dctx.is_main:
+        write_outputs(job.outputs, state.prog, s, job.title, curves=True)
+    job.dctx.barrier()  # no rank exits (and tears down the group) before rank 0 has written
+    return code
+
+
+def exit_for(job: Setup, state: TrainState, reason: str) -> int:
+    """Collective. Say why the run stops early (the checkpoint is saved by then), finish, return the code."""
+    args, prog = job.args, state.prog
+    if reason == "max_steps":
+        job.log(
+            f"stopped at --max-steps {args.max_steps} (step {prog.step}); checkpoint in {job.ckpt_path}",
             flush=True,
         )
-        return self.finish("interrupted", EXIT_SIGNAL.get(signum, 143))
+        return finish(job, state, "stopped_max_steps", 0)
+    signum = job.stop.signum if job.stop.signum is not None else signal.SIGTERM
+    job.log(
+        f"received {signal.Signals(signum).name}: checkpoint saved at step {prog.step} in {job.ckpt_path}",
+        flush=True,
+    )
+    return finish(job, state, "interrupted", EXIT_SIGNAL.get(signum, 143))
 
 
+# ------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # An explicit --data cifar10 fails when CIFAR-10 cannot be had; the default falls back to digits.
