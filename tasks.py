@@ -100,12 +100,12 @@ def _say(lines: list[str]) -> None:
 @_guard
 def check(c, offline=False):
     """Check the CLI tools (and credentials) remotefit needs."""
-    from remotefit import steps
+    from remotefit import stack
     from remotefit.config import load_defaults
 
     defaults = load_defaults(dict(c.config.get("remotefit", {}) or {}))
     ws = None if offline else _ws(c)
-    if not steps.check(ws, offline, defaults.terraform_binary):
+    if not stack.check(ws, offline, defaults.terraform_binary):
         raise Exit("error: required tools are missing or too old (see the table above)", code=1)
 
 
@@ -113,36 +113,37 @@ def check(c, offline=False):
 @_guard
 def env(c):
     """Print `export` lines for aws_env_vars: use as eval "$(inv env)"."""
-    from remotefit import steps
+    from remotefit import stack
 
-    _say(steps.env_lines(_ws(c)))
+    _say(stack.env_lines(_ws(c)))
 
 
 @task
 @_guard
 def tfvars(c):
     """Write generated/<AWS_ACCOUNT>.tfvars (name, region, environment and the node variables)."""
-    from remotefit import nodes
+    from remotefit import nodes, stack
 
-    print(f"wrote {nodes.write_tfvars(_ws(c))}")
+    ws = _ws(c)
+    print(f"wrote {stack.write_tfvars(ws, nodes.planned_node_variables(ws))}")
 
 
 @task
 @_guard
 def backend(c):
     """Create (or repair) the hardened S3 state bucket and write generated/backend.hcl."""
-    from remotefit import steps
+    from remotefit import stack
 
-    _say(steps.backend(_ws(c)))
+    _say(stack.backend(_ws(c)))
 
 
 @task
 @_guard
 def render(c):
     """Render templates/ into generated/terraform/ (checked with python-hcl2)."""
-    from remotefit import steps
+    from remotefit import stack
 
-    for path in steps.render(_ws(c)):
+    for path in stack.render(_ws(c)):
         print(f"rendered {path}")
 
 
@@ -150,9 +151,9 @@ def render(c):
 @_guard
 def validate(c):
     """Check the rendered Terraform: hcl2 parse, fmt, validate, tflint and checkov."""
-    from remotefit import steps
+    from remotefit import stack
 
-    _say(steps.validate(_ws(c)))
+    _say(stack.validate(_ws(c)))
 
 
 # -- nodes --------------------------------------------------------------------------------
@@ -214,7 +215,7 @@ def apply(
         _confirm(f"Apply {spec.nodes} × {spec.instance_type} ({spec.market}) for stage {ws.stage}?")
     # With nodes running, apply plans first and asks again if that plan replaces or resizes any of them.
     nd.apply(ws, spec, refresh_ami=refresh_ami, confirm=None if yes else _confirm)
-    _say(nd.table(nd.status_rows(ws)))
+    _say(nd.status_table(nd.status_rows(ws)))
     print(f"ssh: ssh -F {ws.paths.ssh_config} {nd.inventory(ws)[0].alias}")
 
 

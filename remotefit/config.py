@@ -8,7 +8,6 @@ Tool defaults (instance types, sizes, timeouts) live in `invoke.yaml` under `rem
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import ipaddress
 import os
@@ -21,10 +20,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from remotefit.ami import DEFAULT_GPU_IMAGE
-from remotefit.errors import UserError
+from remotefit.errors import UserError, did_you_mean
 
 ENV_FILE = "aws_env_vars"
 ENV_FILE_ENV = "REMOTEFIT_ENV_FILE"  # lets tests and users point at another file
@@ -92,10 +90,12 @@ def bucket_name_problem(name: str) -> str | None:
     return None
 
 
-class Settings(BaseSettings):
-    """What `aws_env_vars` (and the environment) says about the account and stage."""
+class Settings(BaseModel):
+    """What `aws_env_vars` (and the environment) says about the account and stage. load_settings lays the
+    environment over the file (a plain model, not pydantic-settings: its import alone cost every `inv`
+    call ~0.13 s, and every field here is a plain string)."""
 
-    model_config = SettingsConfigDict(extra="forbid", case_sensitive=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     AWS_ACCOUNT: str = Field(description="A name for the AWS account; names generated/<AWS_ACCOUNT>.tfvars.")
     AWS_REGION: str = Field(description="The AWS region the nodes and the state bucket live in.")
@@ -121,8 +121,7 @@ class Settings(BaseSettings):
     @classmethod
     def _region(cls, v: str) -> str:
         if v not in aws_regions():
-            close = difflib.get_close_matches(v, sorted(aws_regions()), n=1)
-            hint = f"did you mean {close[0]}?" if close else "use a region name such as us-east-1"
+            hint = did_you_mean(v, sorted(aws_regions()), "use a region name such as us-east-1")
             raise ValueError(f"is not an AWS region; {hint}")
         return v
 
@@ -159,18 +158,6 @@ class Settings(BaseSettings):
         if self.RUNS_BUCKET:
             return self.RUNS_BUCKET
         return self.TF_STATE_BUCKET[: 63 - len("-runs")].rstrip(".-") + "-runs"
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # init kwargs carry the parsed aws_env_vars; the environment wins over the file.
-        return (env_settings, init_settings)
 
     @property
     def is_sandbox(self) -> bool:
@@ -365,11 +352,12 @@ def load_settings(root: Path | str | None = None) -> Settings:
     known = list(Settings.model_fields)
     for key, (_, no) in values.items():
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
+            hint = did_you_mean(key, known, f"known keys: {', '.join(known)}", cutoff=0.5)
             raise UserError(f"{path.name}:{no}: unknown key {key}; {hint}")
     try:
-        return Settings(**{k: v for k, (v, _) in values.items()})
+        # The environment wins over the file (names exactly as written, as `export` sets them).
+        merged = {k: v for k, (v, _) in values.items()} | {k: os.environ[k] for k in known if k in os.environ}
+        return Settings(**merged)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = str(err["loc"][0]) if err["loc"] else "?"
@@ -388,8 +376,7 @@ def load_defaults(raw: dict[str, Any] | None) -> Defaults:
     known = list(Defaults.model_fields)
     for key in raw:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]}?" if close else "see remotefit/config.py Defaults"
+            hint = did_you_mean(key, known, "see remotefit/config.py Defaults", cutoff=0.5)
             raise UserError(f"invoke.yaml: remotefit.{key} is not a known setting; {hint}")
     try:
         return Defaults(**raw)

@@ -21,8 +21,6 @@ import json
 import posixpath
 import re
 import shlex
-import subprocess
-import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +33,7 @@ from remotefit.node import NODE_DIR
 from remotefit.proc import echo
 
 if TYPE_CHECKING:
-    from remotefit.jobs import Transport
+    from remotefit.transport import Transport
     from remotefit.workspace import Workspace
 
 FETCHER = NODE_DIR / "fetch.py"
@@ -150,7 +148,7 @@ def fetch_command(t: Transport, job_name: str) -> str:
     base = t.node.workdir
     rdir = f"{base}/.remotefit"
     q = shlex.quote
-    python = q(sys.executable) if t.local else f'"${{REMOTEFIT_TOOLS_PYTHON:-{TOOLS_PYTHON}}}"'
+    python = t.tools_python()
     # --base: refused (exit 3) while a run is active, like the sync it runs beside: a running job's data is
     # never replaced under it.
     return (
@@ -187,13 +185,7 @@ def fetch(ts: Sequence[Transport], entries: Sequence[DataEntry], job_name: str, 
     prefix = len(ts) > 1
 
     def one(t: Transport) -> tuple[int, str]:
-        proc = subprocess.Popen(  # noqa: S603
-            t.argv(fetch_command(t, job_name)),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        proc = t.popen(fetch_command(t, job_name), stdin=True, text=True, merge_stderr=True)
         assert proc.stdin is not None and proc.stdout is not None
         try:
             proc.stdin.write(stdin)

@@ -36,7 +36,7 @@ def _workspace(defaults: dict[str, Any], root: Path) -> Any:
 
 def run(defaults: dict[str, Any], keep: bool = False, root: Path | None = None) -> int:
     """Run every stage, timing each; return 0 on success. Cleans up on any failure or interrupt."""
-    from remotefit import jobs, nodes, steps
+    from remotefit import jobs, nodes, stack
 
     ws = _workspace(defaults, root or Path.cwd())
     timings: list[tuple[str, float]] = []
@@ -65,15 +65,15 @@ def run(defaults: dict[str, Any], keep: bool = False, root: Path | None = None) 
     ok = False
     try:
         stage("sandbox up", lambda: ws.sandbox.up())
-        if not stage("check", lambda: steps.check(ws, offline=False, terraform_binary=ws.defaults.terraform_binary)):
+        if not stage("check", lambda: stack.check(ws, offline=False, terraform_binary=ws.defaults.terraform_binary)):
             raise UserError("required tools are missing (see the table above); run scripts/bootstrap")
-        stage("tfvars", lambda: echo(f"wrote {nodes.write_tfvars(ws)}"))
-        stage("backend", lambda: [echo(line) for line in steps.backend(ws)])
+        stage("tfvars", lambda: echo(f"wrote {stack.write_tfvars(ws, nodes.planned_node_variables(ws))}"))
+        stage("backend", lambda: [echo(line) for line in stack.backend(ws)])
         spec = nodes.resolve_spec(ws, cpu=True, max_hours=1, idle_minutes=15)
         stage("apply (1 CPU node)", lambda: nodes.apply(ws, spec))
         applied = True
         stage("fit jobs/resnet (digits)", fit)
-        stage("status", lambda: [echo(line) for line in nodes.table(nodes.status_rows(ws))])
+        stage("status", lambda: [echo(line) for line in nodes.status_table(nodes.status_rows(ws))])
         result = _latest_result(ws)
         if not keep:
             stage("destroy", lambda: [echo(line) for line in nodes.destroy(ws)])

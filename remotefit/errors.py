@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class UserError(Exception):
     """A problem the user can fix. Printed as one line, never with a traceback.
@@ -16,3 +18,12 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def did_you_mean(word: str, known: Iterable[str], fallback: str, cutoff: float = 0.6) -> str:
+    """The hint after an unknown key or name: "did you mean X?" for a close match, else `fallback`
+    (typically the list of known ones). One wording for aws_env_vars, invoke.yaml and job.toml."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=cutoff)
+    return f"did you mean {close[0]}?" if close else fallback

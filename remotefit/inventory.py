@@ -1,7 +1,7 @@
-"""The inventory of live nodes: generated/nodes.json, written by apply (remotefit/nodes.py).
+"""The inventory of live nodes: generated/nodes.json, written by apply (remotefit/nodes/).
 
 Read on every fit, sync, logs and pull, so it is kept light: it imports neither Terraform, pre-flight
-nor AWS modules, and nodes.py (which does) is loaded only when the inventory must be rebuilt.
+nor AWS modules, and remotefit.nodes (which does) is loaded only when the inventory must be rebuilt.
 """
 
 from __future__ import annotations

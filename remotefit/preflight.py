@@ -2,7 +2,8 @@
 
 - `check_instance_type` / `azs_offering`: the type exists and is offered somewhere in the region.
 - `quota_code` / `check_quota`: the account's vCPU quota for that instance class covers the run.
-- `classify_launch_error` / `launch_candidates`: what to try next when a launch fails.
+- `launch_candidates`: what to try next when a launch fails for want of capacity (the failure's kind is
+  `terraform.TerraformError.kind`).
 
 Quota checks never block on the check itself failing (no Service Quotas access, not implemented
 by a mock, no network): `check_quota` then returns None and the caller prints a warning.
@@ -13,10 +14,9 @@ boto3/botocore are imported lazily (the package must import fast for `inv --list
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from remotefit.cost import Market, family_letters, instance_info, known_types
 from remotefit.errors import UserError
@@ -24,8 +24,6 @@ from remotefit.errors import UserError
 # boto3 clients, typed loosely so that importing this needs neither boto3 nor stub packages.
 EC2Client = Any
 ServiceQuotasClient = Any
-
-LaunchErrorKind = Literal["capacity", "quota", "other"]
 
 _STANDARD = "Standard (A, C, D, H, I, M, R, T, Z)"
 #: Family class letters (see `cost.family_letters`) counted against the Standard quotas.
@@ -43,20 +41,6 @@ _QUOTAS: dict[tuple[str, str], tuple[str, str]] = {
     ("std", "on-demand"): ("L-1216C47A", f"Running On-Demand {_STANDARD} instances"),
     ("std", "spot"): ("L-34B43A08", f"All {_STANDARD} Spot Instance Requests"),
 }
-
-# EC2 error codes, as they appear in API errors and in terraform's error text.
-# capacity: this type/market/AZ can't be had right now -> try the next AZ or fallback type.
-CAPACITY_ERRORS = (
-    "InsufficientInstanceCapacity",
-    "InsufficientCapacity",
-    "UnfulfillableCapacity",
-    "MaxSpotInstanceCountExceeded",
-    "Unsupported",
-    "SpotMaxPriceTooLow",
-    "InsufficientHostCapacity",
-)
-# quota: the account's limit -> another AZ won't help; only a type in another quota class might.
-QUOTA_ERRORS = ("VcpuLimitExceeded", "InstanceLimitExceeded")
 
 
 def _region(client: Any) -> str:
@@ -226,22 +210,6 @@ def vcpus_of(ec2: EC2Client | None, instance_type: str) -> int:
         raise ValueError(f"{instance_type} is not in remotefit/prices.json and no EC2 client was given")
     rows = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
     return int(rows[0]["VCpuInfo"]["DefaultVCpus"])
-
-
-_CAPACITY_RE = re.compile(r"\b(" + "|".join(CAPACITY_ERRORS) + r")\b")
-_QUOTA_RE = re.compile(r"\b(" + "|".join(QUOTA_ERRORS) + r")\b")
-
-
-def classify_launch_error(message: str) -> LaunchErrorKind:
-    """'capacity' (try the next AZ / fallback type), 'quota' (ask for more quota) or 'other'.
-
-    Matches EC2 error codes as whole words, so `UnsupportedOperation` is not `Unsupported`.
-    """
-    if _QUOTA_RE.search(message):
-        return "quota"
-    if _CAPACITY_RE.search(message):
-        return "capacity"
-    return "other"
 
 
 @dataclass(frozen=True)

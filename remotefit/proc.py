@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from remotefit.errors import UserError
 
@@ -66,6 +67,32 @@ def run_bytes(argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
     """Run argv and capture its output as bytes (a job's log is whatever the job wrote, UTF-8 or not)."""
     try:
         return subprocess.run(list(argv), capture_output=True, stdin=subprocess.DEVNULL, check=False)  # noqa: S603
+    except FileNotFoundError:
+        tool = Path(argv[0]).name
+        raise UserError(f"{tool} not found on PATH; {_INSTALL_HINTS.get(tool, 'install it')}") from None
+
+
+def popen(
+    argv: Sequence[str], *, stdin: bool = False, text: bool = False, merge_stderr: bool = False
+) -> subprocess.Popen[Any]:
+    """Start argv with its output piped back (and stdin piped when asked), for callers that stream it."""
+    try:
+        return subprocess.Popen(  # noqa: S603
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            text=text,
+        )
+    except FileNotFoundError:
+        tool = Path(argv[0]).name
+        raise UserError(f"{tool} not found on PATH; {_INSTALL_HINTS.get(tool, 'install it')}") from None
+
+
+def interactive(argv: Sequence[str]) -> int:
+    """Run argv attached to this terminal (an ssh session); its exit code."""
+    try:
+        return subprocess.call(list(argv))  # noqa: S603
     except FileNotFoundError:
         tool = Path(argv[0]).name
         raise UserError(f"{tool} not found on PATH; {_INSTALL_HINTS.get(tool, 'install it')}") from None

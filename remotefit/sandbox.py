@@ -17,7 +17,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -28,7 +27,8 @@ from typing import Any
 
 from remotefit.errors import UserError
 from remotefit.node import NODE_DIR, contract
-from remotefit.proc import atomic_write, echo, spawn_daemon
+from remotefit.proc import atomic_write, echo, run, spawn_daemon
+from remotefit.ssh import ssh_close_argv
 
 SANDBOX_REGION_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 SSHD = "/usr/sbin/sshd"
@@ -253,9 +253,7 @@ class Sandbox:
         stopped = []
         if ssh_config is not None and ssh_config.exists() and self.nodes():
             for host in re.findall(r"^Host (\S+)", ssh_config.read_text(), flags=re.M):
-                res = subprocess.run(  # noqa: S603
-                    ["ssh", "-F", str(ssh_config), "-O", "exit", host], capture_output=True, check=False
-                )
+                res = run(ssh_close_argv(ssh_config, host), capture=True, check=False)
                 if res.returncode == 0:
                     stopped.append(f"ssh connection to {host}")
         stopped += [f"sshd node {n.instance_id} (port {n.port})" for n in self.nodes() if self.stop_node(n)]
@@ -312,10 +310,7 @@ class Sandbox:
         home.mkdir(parents=True, exist_ok=True)
         host_key = d / "ssh_host_ed25519_key"
         if not host_key.exists():
-            subprocess.run(  # noqa: S603
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"sandbox-{instance_id}", "-f", str(host_key)],
-                check=True,
-            )
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"sandbox-{instance_id}", "-f", str(host_key)])
         atomic_write(d / "authorized_keys", public_key.strip() + "\n", mode=0o600)
         boot = self.boot(d)
         # The metadata service first: the node's sessions are told where it is (sshd's SetEnv), as EC2's is
@@ -583,7 +578,11 @@ def sshd_config_text(
             "Subsystem sftp internal-sftp",
             # REMOTEFIT_TOOLS_PYTHON: the node-side tools' Python (the uploader's, the data fetcher's); a real
             # node's is /opt/remotefit-tools, made by its user data; here the dev venv's, which has boto3.
-            f'SetEnv REMOTEFIT_NODE={node} "REMOTEFIT_BOOT_DIR={boot}" "REMOTEFIT_BOOT_LOG={boot / "boot.log"}" '
+            # HOME: the node's own home (its workdir's parent), not this machine user's, whose shell start-up
+            # files bash reads for every ssh command (on this machine: pyenv's, ~0.2 s per call; a stock
+            # node's ~/.bashrc returns at once for such shells).
+            f'SetEnv "HOME={pidfile.parent / "home"}" REMOTEFIT_NODE={node} "REMOTEFIT_BOOT_DIR={boot}" '
+            f'"REMOTEFIT_BOOT_LOG={boot / "boot.log"}" '
             f'"REMOTEFIT_TOOLS_PYTHON={sys.executable}"'
             + (
                 # AWS credentials as on EC2: from the node's metadata service (the instance profile), never

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 
 from remotefit.errors import UserError
 from remotefit.node import NODE_DIR
-from remotefit.proc import echo, run
+from remotefit.proc import echo
 
 if TYPE_CHECKING:
-    from remotefit.jobs import Job, Transport
+    from remotefit.jobs import Job
+    from remotefit.transport import Transport
     from remotefit.workspace import Workspace
 
 SCRIPT = NODE_DIR / "tensorboard_watch.py"  # not tensorboard.py: beside runner.py it would shadow the package
@@ -78,7 +79,7 @@ def start(ws: Workspace | None, t: Transport, p: Plan, run_id: str) -> None:
         f"mkdir -p {q(base)}/.remotefit && cat > {q(script)}.$$ && mv -f {q(script)}.$$ {q(script)} && "
         f"(setsid nohup {shlex.join(args)} > {q(log)} 2>&1 < /dev/null & echo $! > {q(pidfile)})"
     )
-    res = run(t.argv(line), capture=True, check=False, input_text=SCRIPT.read_text())
+    res = t.run(line, stdin=SCRIPT.read_text())
     if res.returncode != 0:
         echo(f"tensorboard: could not start it on {t.node.alias}: {(res.stderr or '').strip()[-200:]}")
         return

@@ -2,6 +2,10 @@
 
 Terraform always runs in generated/terraform with the S3 backend; on the sandbox the backend and
 provider point at the moto server through generated/backend.hcl and the tfvars.
+
+A failed run raises `TerraformError`: its message is the one line a user sees, its `kind` says what
+went wrong for the code that decides what to do next (`summarize` sets both, in one place), so no
+caller matches Terraform's text.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from remotefit.errors import UserError
 from remotefit.proc import run, run_tee
@@ -22,6 +26,48 @@ PROGRESS = re.compile(
     r"(Creation complete|Destruction complete|Modifications complete|Apply complete|Destroy complete|"
     r"^Plan:|No changes|Error|Warning|will be (created|destroyed|updated|replaced)|must be replaced)"
 )
+
+
+# EC2 error codes, as they appear in API errors and in terraform's error text.
+# capacity: this type/market/AZ can't be had right now -> try the next AZ or fallback type.
+CAPACITY_ERRORS = (
+    "InsufficientInstanceCapacity",
+    "InsufficientCapacity",
+    "UnfulfillableCapacity",
+    "MaxSpotInstanceCountExceeded",
+    "Unsupported",
+    "SpotMaxPriceTooLow",
+    "InsufficientHostCapacity",
+)
+# quota: the account's limit -> another AZ won't help; only a type in another quota class might.
+QUOTA_ERRORS = ("VcpuLimitExceeded", "InstanceLimitExceeded")
+_CAPACITY_RE = re.compile(r"\b(" + "|".join(CAPACITY_ERRORS) + r")\b")
+_QUOTA_RE = re.compile(r"\b(" + "|".join(QUOTA_ERRORS) + r")\b")
+
+LaunchErrorKind = Literal["capacity", "quota", "other"]
+#: What a failed terraform run ran into: "locked" (another run holds the state lock; nothing of ours
+#: ran), or the kind of launch error (`launch_error_kind`).
+ErrorKind = Literal["locked", "capacity", "quota", "other"]
+
+
+class TerraformError(UserError):
+    """A terraform command that failed: `message` is the one line a user sees, `kind` what it ran into."""
+
+    def __init__(self, message: str, kind: ErrorKind = "other", code: int = 2) -> None:
+        super().__init__(message, code=code)
+        self.kind: ErrorKind = kind
+
+
+def launch_error_kind(message: str) -> LaunchErrorKind:
+    """'capacity' (try the next AZ / fallback type), 'quota' (ask for more quota) or 'other'.
+
+    Matches EC2 error codes as whole words, so `UnsupportedOperation` is not `Unsupported`.
+    """
+    if _QUOTA_RE.search(message):
+        return "quota"
+    if _CAPACITY_RE.search(message):
+        return "capacity"
+    return "other"
 
 
 def parse_version(text: str) -> tuple[int, int, int] | None:
@@ -116,9 +162,7 @@ class Terraform:
         with contextlib.suppress(OSError):
             log.write_text(out)
         if code != 0:
-            raise UserError(
-                f"terraform {what} failed: {summarize_error(out, self.workdir)} (full output: {log})", code=code
-            )
+            raise failure(f"terraform {what} failed", out, self.workdir, code=code, note=f" (full output: {log})")
         return out
 
     def init(self, backend_file: Path | None, quiet: bool = True) -> None:
@@ -133,7 +177,7 @@ class Terraform:
         if code == 2 and detailed:
             return 2
         if code != 0:
-            raise UserError(f"terraform plan failed: {summarize_error(out, self.workdir)}", code=code)
+            raise failure("terraform plan failed", out, self.workdir, code=code)
         return 0
 
     def apply(self, tfvars: Path, quiet: bool = False) -> str:
@@ -146,7 +190,7 @@ class Terraform:
     def show_json(self, planfile: Path) -> dict[str, Any]:
         res = run(show_json_argv(self.binary, planfile), cwd=self.workdir, env=self.env, capture=True, check=False)
         if res.returncode != 0:
-            raise UserError(f"terraform show failed: {summarize_error(res.stderr + res.stdout)}")
+            raise failure("terraform show failed", res.stderr + res.stdout)
         return dict(json.loads(res.stdout or "{}"))
 
     def destroy(self, tfvars: Path, quiet: bool = False) -> str:
@@ -155,7 +199,7 @@ class Terraform:
     def output(self) -> dict[str, Any]:
         res = run(output_argv(self.binary), cwd=self.workdir, env=self.env, capture=True, check=False)
         if res.returncode != 0:
-            raise UserError(f"terraform output failed: {summarize_error(res.stderr + res.stdout)}")
+            raise failure("terraform output failed", res.stderr + res.stdout)
         return {k: v.get("value") for k, v in json.loads(res.stdout or "{}").items()}
 
     def fmt_check(self) -> None:
@@ -169,7 +213,7 @@ class Terraform:
     def validate(self) -> None:
         res = run(validate_argv(self.binary), cwd=self.workdir, env=self.env, capture=True, check=False)
         if res.returncode != 0:
-            raise UserError(f"terraform validate: {summarize_error(res.stdout + res.stderr)}")
+            raise failure("terraform validate", res.stdout + res.stderr)
 
 
 # Anchored to the start of a line: the S3 error above the Lock Info block also holds "RequestID: ...".
@@ -178,17 +222,19 @@ _LOCK_WHO = re.compile(r"^[\s│]*Who:\s+(.+)", re.M)
 _LOCK_WHEN = re.compile(r"^[\s│]*Created:\s+(.+)", re.M)
 
 
-def summarize_error(output: str, workdir: Path | str = "generated/terraform") -> str:
-    """Turn Terraform's boxed error output into one line a user can act on."""
+def summarize(output: str, workdir: Path | str = "generated/terraform") -> tuple[str, ErrorKind]:
+    """Turn Terraform's boxed error output into one line a user can act on, and say what kind of error it
+    is: the one place both are decided."""
     if "Error acquiring the state lock" in output:
         lock_id = _LOCK_ID.search(output)
         who = _LOCK_WHO.search(output)
         when = _LOCK_WHEN.search(output)
-        return (
+        line = (
             f"the state is locked by another run (lock {lock_id[1] if lock_id else '?'}, held by "
             f"{who[1].strip() if who else '?'} since {when[1].strip() if when else '?'}); wait for it to finish, "
             f"or if it died run `terraform -chdir={workdir} force-unlock {lock_id[1] if lock_id else 'ID'}`"
         )
+        return line, "locked"
     errors = re.findall(r"Error: (.+)", output)
     if errors:
         first = errors[0].strip()
@@ -196,6 +242,21 @@ def summarize_error(output: str, workdir: Path | str = "generated/terraform") ->
         m = re.search(r"Error: .+\n(?:.*\n)*?\s*(?:on (\S+) line (\d+))", output)
         if m:
             detail = f" ({m[1]}:{m[2]})"
-        return first + detail
-    tail = [ln for ln in output.strip().splitlines() if ln.strip()]
-    return tail[-1] if tail else "no output"
+        line = first + detail
+    else:
+        tail = [ln for ln in output.strip().splitlines() if ln.strip()]
+        line = tail[-1] if tail else "no output"
+    return line, launch_error_kind(line)
+
+
+def summarize_error(output: str, workdir: Path | str = "generated/terraform") -> str:
+    """The one line of `summarize`."""
+    return summarize(output, workdir)[0]
+
+
+def failure(
+    what: str, output: str, workdir: Path | str = "generated/terraform", code: int = 2, note: str = ""
+) -> TerraformError:
+    """The error for a failed run: `what: <summary><note>`, with the summary's kind."""
+    line, kind = summarize(output, workdir)
+    return TerraformError(f"{what}: {line}{note}", kind=kind, code=code)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from remotefit.errors import UserError
+from remotefit.proc import run
+from remotefit.table import table
 from remotefit.terraform import MIN_VERSION, parse_version
 
 
@@ -71,10 +73,10 @@ def probe(tool: Tool) -> ToolStatus:
     if not binary or not shutil.which(binary):
         return ToolStatus(tool, None, not tool.required, "missing")
     try:
-        res = subprocess.run(  # noqa: S603
-            [binary, *tool.argv[1:]], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        res = run([binary, *tool.argv[1:]], capture=True, check=False, timeout=60)
+    except UserError as exc:
+        return ToolStatus(tool, None, not tool.required, f"could not run: {exc.message}")
+    except OSError as exc:
         return ToolStatus(tool, None, not tool.required, f"could not run: {exc}")
     text = (res.stdout + res.stderr).strip()
     openssh = re.search(r"OpenSSH_(\d+)\.(\d+)", text)  # its banner also names OpenSSL's version
@@ -122,5 +124,4 @@ def table_lines(statuses: list[ToolStatus]) -> list[str]:
         needed = "required" if s.tool.required else "optional"
         status = s.note if s.note != "ok" else "ok"
         rows.append((s.tool.name, needed, s.version or "-", minimum, status, "" if s.note == "ok" else s.tool.install))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return table(rows[1:], rows[0])

@@ -206,6 +206,20 @@ class Workspace:
         self._public_cidr = f"{ip}/32"
         return self._public_cidr
 
+    def backend_overrides(self) -> dict[str, object]:
+        """What the S3 backend config (generated/backend.hcl) adds for this target: on the sandbox, the moto
+        server as its endpoint and the AWS-only checks skipped; on AWS, nothing."""
+        if not self.endpoint:
+            return {}
+        return {
+            "endpoints": {"s3": self.endpoint, "sts": self.endpoint},
+            "use_path_style": True,
+            "skip_credentials_validation": True,
+            "skip_requesting_account_id": True,
+            "skip_metadata_api_check": True,
+            "skip_region_validation": True,
+        }
+
     def supports(self, feature: str) -> bool:
         """Features the moto server lacks, so the sandbox skips them and says so (see sandbox.py)."""
         return not (self.endpoint and feature in SANDBOX_GAPS)

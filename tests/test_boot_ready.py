@@ -13,6 +13,7 @@ import pytest
 from remotefit import nodes
 from remotefit.config import Settings
 from remotefit.errors import UserError
+from remotefit.nodes import ready
 from remotefit.ssh import Node
 from remotefit.workspace import Workspace
 
@@ -118,7 +119,7 @@ def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
 
 
 def run_locally(boot: BootDir, calls: list[str]):
-    """nodes.run with ssh replaced by a local bash: the command after `--` is what the node runs."""
+    """ready.run with ssh replaced by a local bash: the command after `--` is what the node runs."""
 
     def fake_run(argv, capture=True, check=False, timeout=None):
         assert argv[0] == "ssh" and argv[-2] == "--", argv
@@ -134,7 +135,7 @@ def test_wait_ready_fails_in_one_line_naming_the_node(
     (boot.dir / "boot-failed").write_text("step 'installing python-is-python3' failed (exit 100) at T\n")
     boot.log.write_text("Waiting for cache lock: Could not get lock /var/lib/dpkg/lock-frontend\nE: timeout\n")
     calls: list[str] = []
-    monkeypatch.setattr(nodes, "run", run_locally(boot, calls))
+    monkeypatch.setattr(ready, "run", run_locally(boot, calls))
     n = node(tmp_path, index=1)
     with pytest.raises(UserError) as exc:
         nodes.wait_ready(ws, [n], timeout=60)
@@ -162,8 +163,8 @@ def test_wait_ready_waits_for_the_marker(
             (boot.dir / "boot-done").write_text("ready\n")
         return fake(*args, **kwargs)
 
-    monkeypatch.setattr(nodes, "run", marker_on_second_call)
-    monkeypatch.setattr(nodes.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ready, "run", marker_on_second_call)
+    monkeypatch.setattr(ready.time, "sleep", lambda s: None)
     nodes.wait_ready(ws, [node(tmp_path)], timeout=60)
     assert len(calls) == 2
 
@@ -174,10 +175,10 @@ def test_wait_ready_timeout_says_where_the_boot_is(
     if HAS_CLOUD_INIT:
         pytest.skip("this machine's cloud-init is done: a missing marker is a failed boot here")
     boot.log.write_text("remotefit-boot: T installing python3-venv python3-pip\n")
-    monkeypatch.setattr(nodes, "run", run_locally(boot, []))
+    monkeypatch.setattr(ready, "run", run_locally(boot, []))
     clock = iter(range(0, 10_000, 50))
-    monkeypatch.setattr(nodes.time, "monotonic", lambda: float(next(clock)))
-    monkeypatch.setattr(nodes.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ready.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(ready.time, "sleep", lambda s: None)
     with pytest.raises(UserError) as exc:
         nodes.wait_ready(ws, [node(tmp_path)], timeout=120)
     assert "did not answer over SSH within 120 s (still booting: remotefit-boot: T installing python3-venv" in (

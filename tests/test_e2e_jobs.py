@@ -297,7 +297,17 @@ def test_resync_sends_only_the_changed_file(cluster: Project, tmp_path: Path):
     first = cluster.inv("sync", str(job), "--nodes", "1")
     assert "rf-test-0: 2001 of 2001 files transferred" in first.stderr, first.stderr
     same = cluster.inv("sync", str(job), "--nodes", "1")
-    assert "rf-test-0: 0 of 2001 files transferred" in same.stderr, same.stderr
+    assert "rf-test-0: 0 of 2001 files transferred, 0 bytes sent" in same.stderr, same.stderr
+    assert "unchanged since the last sync, rsync not needed" in same.stderr, same.stderr
+    # Something changed the node's copy (a job wrote into its folder, a hand edit): the next sync is a real
+    # rsync again, which puts the copy back as the laptop has it (--delete).
+    there = f"{workdir(cluster)}/jobs/many"
+    ssh(cluster, "rf-test-0", f"echo stray > '{there}/stray.txt' && echo edit >> '{there}/d00/f0000.txt'")
+    healed = cluster.inv("sync", str(job), "--nodes", "1")
+    assert "rf-test-0: 1 of 2001 files transferred" in healed.stderr, healed.stderr
+    assert "unchanged" not in healed.stderr
+    names = ssh(cluster, "rf-test-0", f"ls '{there}'; cat '{there}/d00/f0000.txt' | wc -c").stdout
+    assert "stray.txt" not in names and names.split()[-1] == "64", names
     (job / "d07" / "f0700.txt").write_bytes(os.urandom(50_000))
     second = cluster.inv("sync", str(job), "--nodes", "1")
     m = re.search(r"rf-test-0: (\d+) of 2001 files transferred, (\d+) bytes sent", second.stderr)

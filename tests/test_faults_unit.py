@@ -169,7 +169,7 @@ def test_env_secrets_travel_on_stdin_never_in_the_command_line(tmp_path: Path):
     job = job_with(tmp_path, '[env]\nTOKEN = "s3cr3t-value"\n')
     base = tmp_path / "base"
     (base / "jobs" / "job").mkdir(parents=True)
-    t = jobs.Transport(_node(base), None)
+    t = jobs.LocalTransport(_node(base))
     env = {"TOKEN": "s3cr3t-value", "QUOTE": 'it\'s "x"\n y'}
     loaded = jobs.load_job(job)
     line = jobs.start_command(t, loaded, "j-1", "python train.py", False, env=env, then_follow=True)

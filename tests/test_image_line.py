@@ -11,9 +11,10 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from remotefit import ami, nodes
+from remotefit import ami
 from remotefit.config import Defaults, Settings, load_defaults
 from remotefit.errors import UserError
+from remotefit.nodes import terraform_dir
 from remotefit.workspace import Workspace
 
 SETTINGS_KEYS = ("AWS_ACCOUNT", "AWS_REGION", "STAGE", "TF_STATE_BUCKET", "AWS_PROFILE", "TARGET")
@@ -88,7 +89,7 @@ def test_changed_setting_re_resolves_the_pin(tmp_path: Path, monkeypatch: pytest
         ws = Workspace(root=tmp_path, defaults={"gpu_image": line}, settings=settings)
         ssm, stub = stubbed_ssm(ami.ssm_parameter("gpu", line), ami_id) if ami_id else stubbed_ssm("unused", "x")
         monkeypatch.setattr(ws, "ami_resolver", lambda: ami.SsmAmiResolver(ssm, line))
-        return nodes._pinned_ami(ws, "gpu", refresh=False)
+        return terraform_dir._pinned_ami(ws, "gpu", refresh=False)
 
     old, new = "oss-nvidia-driver-gpu-pytorch-2.11-ubuntu-24.04", "oss-nvidia-driver-gpu-pytorch-2.12-ubuntu-24.04"
     assert pin(old, "ami-old")["id"] == "ami-old"

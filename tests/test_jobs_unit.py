@@ -182,7 +182,7 @@ def test_filters_in_a_real_local_rsync(tmp_path: Path):
 
 def test_sync_argv_and_summary(tmp_path: Path):
     job = make(tmp_path)
-    t = jobs.Transport(node(0), Path("/cfg"))
+    t = jobs.SshTransport(node(0), Path("/cfg"))
     argv = jobs.sync_argv(t, job)
     assert "--safe-links" in argv and "--delete" in argv and "--stats" in argv
     assert "--no-human-readable" in argv and "--human-readable" not in argv  # exact --stats numbers
@@ -199,7 +199,7 @@ def test_sync_argv_and_summary(tmp_path: Path):
 
 def test_start_command_ships_runner_and_env(tmp_path: Path):
     job = make(tmp_path)
-    t = jobs.Transport(node(0), Path("/cfg"))
+    t = jobs.SshTransport(node(0), Path("/cfg"))
     line = jobs.start_command(t, job, "j-1", "python train.py", False, env={"A": "it's"}, then_follow=True)
     assert "cat > /home/ubuntu/remotefit/.remotefit/runner.py.$$" in line
     assert "--outputs outputs --outputs-dir /home/ubuntu/remotefit/outputs/j-1" in line  # the runner links it
@@ -214,7 +214,7 @@ def test_start_command_runs_in_a_shell(tmp_path: Path):
     base = tmp_path / "base"
     (base / "jobs" / "j").mkdir(parents=True)
     n = Node(0, "local", "local", "h", 0, "me", "", str(base), "python3", "local", "local", "local", "t")
-    t = jobs.Transport(n, None)
+    t = jobs.LocalTransport(n)
     fake = "import json, sys\nargs = sys.argv[1:]\nprint(json.dumps(args))\n"
     line = jobs.start_command(t, job, "j-1", "python train.py", False, env={"Q": "a 'b' c"})
     stdin = jobs.start_input({"Q": "a 'b' c"}, fake)  # env line, then runner.py
@@ -327,3 +327,66 @@ def test_run_json_lists_every_attempt_and_adds_up_their_cost():
     alone = jobs._run_json(jobs.RunRecord("r", "j", "/j", "c", [], [node(0).to_dict()], "t"), [st], None)
     assert alone["resumed_from"] is None and len(alone["attempts"]) == 1
     assert alone["total_estimated_cost_usd"] == alone["estimated_cost_usd"]
+
+
+def test_local_fingerprint_sees_what_a_sync_could_send_and_only_that(tmp_path: Path):
+    """The unchanged-sync shortcut trusts this digest: every edit rsync would send changes it; what rsync
+    never sends (caches, outputs) does not."""
+    import os
+
+    from remotefit.jobs.syncing import local_fingerprint
+
+    job_dir = write(tmp_path, {"j/train.py": "print(1)\n", "j/data/a.txt": "a", "j/.gitignore": "*.log\n"})
+    job = jobs.load_job(job_dir / "j")
+    fp = local_fingerprint(job)
+    assert local_fingerprint(job) == fp  # stable
+    # Not sent by rsync: no change.
+    (job.path / "__pycache__").mkdir()
+    (job.path / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"x")
+    (job.path / "outputs").mkdir()
+    (job.path / "outputs" / "model.pt").write_bytes(b"w")
+    (job.path / ".git").mkdir()
+    (job.path / ".git" / "HEAD").write_text("ref")
+    assert local_fingerprint(job) == fp
+    # Every kind of change rsync would act on changes it.
+    changes = [
+        lambda: (job.path / "train.py").write_text("print(2)\n"),  # content and size
+        lambda: os.utime(job.path / "data" / "a.txt", ns=(1, 1)),  # mtime only
+        lambda: (job.path / "data" / "a.txt").chmod(0o600),  # mode
+        lambda: (job.path / "new.py").write_text(""),  # a new file
+        lambda: (job.path / "data" / "a.txt").unlink(),  # a deleted one
+        lambda: (job.path / "empty").mkdir(),  # a new folder
+        lambda: (job.path / "link").symlink_to("train.py"),  # a link
+        lambda: (job.path / ".gitignore").write_text("*.txt\n"),  # the filters themselves
+    ]
+    for change in changes:
+        change()
+        now = local_fingerprint(job)
+        assert now != fp
+        fp = now
+
+
+def test_remote_fingerprint_changes_with_the_nodes_copy_not_with_a_run(tmp_path: Path):
+    """The node-side digest (GNU find, run here through bash as on a node): a stray or edited file changes
+    it; what a run leaves in the job folder (the outputs link, __pycache__, the folder's own mtime) does not."""
+    from remotefit.jobs.syncing import remote_fingerprint
+
+    dest = write(tmp_path, {"job/train.py": "print(1)\n", "job/sub/a.txt": "a"}) / "job"
+
+    def digest() -> str:
+        res = subprocess.run(["bash", "-c", remote_fingerprint(str(dest), "outputs")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.split()[0]
+
+    fp = digest()
+    (dest / "outputs").symlink_to(tmp_path)  # the runner links outputs/ to the run's own folder
+    (dest / "__pycache__").mkdir()
+    (dest / "__pycache__" / "m.pyc").write_bytes(b"x")
+    (dest / "sub" / "b.pyc").write_bytes(b"x")
+    assert digest() == fp
+    (dest / "stray.txt").write_text("left by a job")
+    assert digest() != fp
+    (dest / "stray.txt").unlink()
+    assert digest() == fp
+    (dest / "sub" / "a.txt").write_text("b")  # same size, new mtime
+    assert digest() != fp

@@ -1,4 +1,4 @@
-"""Unit tests for remotefit/nodes.py: every bad flag is one line before any API call, quotas stop a run
+"""Unit tests for remotefit/nodes/: every bad flag is one line before any API call, quotas stop a run
 before Terraform, and capacity errors walk every AZ / fallback type / market and leave nothing behind."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from remotefit import nodes
+from remotefit import nodes, stack, terraform
 from remotefit.config import Defaults, Paths, Settings
 from remotefit.errors import UserError
+from remotefit.nodes import provision
+from remotefit.terraform import TerraformError
 from remotefit.workspace import Workspace
 
 SETTINGS_KEYS = ("AWS_ACCOUNT", "AWS_REGION", "STAGE", "TF_STATE_BUCKET", "AWS_PROFILE", "TARGET")
@@ -133,9 +135,8 @@ def test_zero_quota_stops_before_terraform(tmp_path: Path, monkeypatch: pytest.M
     def no_terraform(*a, **k):
         raise AssertionError("terraform must not run when the quota is too small")
 
-    monkeypatch.setattr(nodes.steps, "terraform", no_terraform)
-    monkeypatch.setattr(nodes.steps, "init", no_terraform)
-    monkeypatch.setattr(nodes, "init_once", no_terraform)
+    monkeypatch.setattr(stack, "terraform", no_terraform)
+    monkeypatch.setattr(stack, "init_once", no_terraform)
     spec = nodes.NodeSpec(profile, itype, "on-demand", 2, 50, 8.0, 30)
     with pytest.raises(UserError) as exc:
         nodes.apply(fake_cloud_ws(tmp_path), spec)  # type: ignore[arg-type]
@@ -150,15 +151,40 @@ CAPACITY = (
     "terraform apply failed: creating EC2 Instance: operation error EC2: RunInstances, api error "
     "InsufficientInstanceCapacity: We currently do not have sufficient {t} capacity in the Availability Zone you requested ({az})."
 )
+LOCKED = """Error: Error acquiring the state lock
+
+Error message: operation error S3: PutObject, https response error StatusCode: 412, api error
+PreconditionFailed: At least one of the pre-conditions you specified did not hold
+Lock Info:
+  ID:        1d60c6a0-fd2f-49d9-f0ce-e7198c760d83
+  Who:       colleague@elsewhere
+  Created:   2026-01-02 03:04:05.000000006 +0000 UTC
+"""
+
+
+def apply_failure(message: str) -> TerraformError:
+    """What Terraform.apply raises for `message` ("terraform apply failed: <what terraform said>"): the
+    error terraform.failure makes of terraform's `Error: ...` line, so it has the kind apply branches on."""
+    said = message.removeprefix("terraform apply failed: ")
+    err = terraform.failure("terraform apply failed", f"Error: {said}\n")
+    assert err.message == message
+    return err
 
 
 class FakeTf:
     """Stands in for remotefit.terraform.Terraform: apply fails with capacity errors for the listed options."""
 
-    def __init__(self, log: list[dict[str, object]], no_capacity: set[tuple[str, str, str]] | None = None, error=None):
+    def __init__(
+        self,
+        log: list[dict[str, object]],
+        no_capacity: set[tuple[str, str, str]] | None = None,
+        error=None,
+        output=None,
+    ):
         self.log = log
         self.no_capacity = no_capacity
         self.error = error
+        self.output = output  # terraform's own output of a failed apply
         self.applied: list[tuple[str, str, str]] = []
         self.destroyed = 0
 
@@ -166,10 +192,12 @@ class FakeTf:
         v = self.log[-1]
         key = (str(v["instance_type"]), str(v["market"]), str(v["availability_zone"]))
         self.applied.append(key)
+        if self.output:
+            raise terraform.failure("terraform apply failed", self.output, code=1)
         if self.error:
-            raise UserError(self.error)
+            raise apply_failure(self.error)
         if self.no_capacity is None or key in self.no_capacity:
-            raise UserError(CAPACITY.format(t=key[0], az=key[2]))
+            raise apply_failure(CAPACITY.format(t=key[0], az=key[2]))
         return "Apply complete!"
 
     def destroy(self, tfvars: Path, quiet: bool = False) -> str:
@@ -185,10 +213,10 @@ def patched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """nodes.apply with pre-flight, pricing, AMI and Terraform replaced by recorders."""
     written: list[dict[str, object]] = []
     holder: dict[str, FakeTf] = {}
-    monkeypatch.setattr(nodes, "preflight_checks", lambda ws, spec: dict(AZS))
-    monkeypatch.setattr(nodes, "cost_lines", lambda ws, spec: [])
+    monkeypatch.setattr(provision, "preflight_checks", lambda ws, spec: dict(AZS))
+    monkeypatch.setattr(provision, "cost_lines", lambda ws, spec: [])
     monkeypatch.setattr(
-        nodes,
+        provision,
         "node_variables",
         lambda ws, spec, az, itype, market, refresh=False: {
             "instance_type": itype,
@@ -197,11 +225,11 @@ def patched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             "node_count": spec.nodes,
         },
     )
-    monkeypatch.setattr(nodes.steps, "write_tfvars", lambda ws, values: written.append(dict(values)) or Path("x"))
-    monkeypatch.setattr(nodes, "init_once", lambda ws, tf: None)
-    monkeypatch.setattr(nodes.steps, "terraform", lambda ws: holder["tf"])
-    monkeypatch.setattr(nodes, "_record_nodes", lambda ws, tf: ["node"])
-    monkeypatch.setattr(nodes, "wait_ready", lambda ws, n, gpu=False: 0.0)
+    monkeypatch.setattr(stack, "write_tfvars", lambda ws, values: written.append(dict(values)) or Path("x"))
+    monkeypatch.setattr(stack, "init_once", lambda ws, tf: None)
+    monkeypatch.setattr(stack, "terraform", lambda ws: holder["tf"])
+    monkeypatch.setattr(provision, "_record_nodes", lambda ws, tf: ["node"])
+    monkeypatch.setattr(provision, "wait_ready", lambda ws, n, gpu=False: 0.0)
     ws = SimpleNamespace(
         paths=Paths(root=tmp_path, generated=tmp_path / "generated", runs=tmp_path / "runs"),
         stage="test",
@@ -253,6 +281,23 @@ def test_quota_and_other_errors_do_not_walk_the_fallbacks(patched, error: str) -
     msg = one_line_error(exc)
     assert msg.startswith(error) and "inv destroy" in msg  # resources may exist: say how to remove them
     assert len(tf.applied) == 1
+
+
+def test_a_held_lock_fails_as_terraform_said_and_keeps_the_last_good_tfvars(patched) -> None:
+    gen = patched.tmp / "generated"
+    gen.mkdir(parents=True, exist_ok=True)
+    good = {"instance_type": "g5.xlarge", "market": "spot", "availability_zone": "us-east-1b", "node_count": 1}
+    (gen / "node_vars.json").write_text(json.dumps(good))
+    tf = patched.holder["tf"] = FakeTf(patched.written, output=LOCKED)
+    with pytest.raises(TerraformError) as exc:
+        nodes.apply(patched.ws, nodes.NodeSpec("gpu", "g5.xlarge", "spot", 1, 150, 8.0, 30))
+    msg = one_line_error(exc)
+    assert exc.value.kind == "locked" and exc.value.code == 1
+    assert msg.startswith("terraform apply failed: the state is locked by another run (lock 1d60c6a0-")
+    assert "held by colleague@elsewhere" in msg and "some resources may have been created" not in msg
+    assert len(tf.applied) == 1 and tf.destroyed == 0, "another run holds the lock: no fallback, no destroy"
+    assert patched.written[-1] == good, "the tfvars of the last good apply are written back"
+    assert json.loads((gen / "node_vars.json").read_text()) == good
 
 
 def test_spot_falls_back_to_on_demand_only_when_allowed(patched) -> None:

@@ -8,7 +8,7 @@ from botocore.config import Config
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from remotefit import preflight
+from remotefit import preflight, terraform
 from remotefit.errors import UserError
 from remotefit.preflight import Candidate
 
@@ -252,8 +252,8 @@ def test_vcpus_of(ec2):
         ("", "other"),
     ],
 )  # fmt: skip
-def test_classify_launch_error(message, kind):
-    assert preflight.classify_launch_error(message) == kind
+def test_launch_error_kind(message, kind):
+    assert terraform.launch_error_kind(message) == kind
 
 
 AZS = {

@@ -20,9 +20,10 @@ import pytest
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from remotefit import ami, jobs, nodes, steps
-from remotefit.config import Settings, kept_dir
+from remotefit import ami, jobs, nodes, stack
+from remotefit.config import Settings, kept_dir, load_settings
 from remotefit.errors import UserError
+from remotefit.nodes import provision, terraform_dir
 from remotefit.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,8 +209,8 @@ def test_the_resolved_ami_is_pinned_per_region_and_target(tmp_path: Path) -> Non
     answer = {"Parameter": {"Name": GPU_PARAM, "Type": "String", "Value": "ami-0ccccccccccccccc1", "Version": 3}}
     with Stubber(ssm) as stub:
         stub.add_response("get_parameter", answer, {"Name": GPU_PARAM})  # exactly one call
-        first = nodes._pinned_ami(ws, "gpu", refresh=False)
-        again = nodes._pinned_ami(ws, "gpu", refresh=False)  # "latest" moving never replaces a node
+        first = terraform_dir._pinned_ami(ws, "gpu", refresh=False)
+        again = terraform_dir._pinned_ami(ws, "gpu", refresh=False)  # "latest" moving never replaces a node
         stub.assert_no_pending_responses()
     assert (
         first
@@ -230,7 +231,7 @@ def test_the_resolved_ami_is_pinned_per_region_and_target(tmp_path: Path) -> Non
 def test_dlami_python_reaches_the_node_record_and_the_job_path(tmp_path: Path) -> None:
     ws = aws_ws(tmp_path)
     seed_public_parameters({GPU_PARAM: "ami-0aaaaaaaaaaaaaaaa"})
-    pin = nodes._pinned_ami(ws, "gpu", refresh=False)
+    pin = terraform_dir._pinned_ami(ws, "gpu", refresh=False)
     (tmp_path / "generated" / "node_vars.json").write_text(json.dumps({"ami_id": pin["id"], "max_hours": 8}))
     ec2 = ws.client("ec2")
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
@@ -250,7 +251,7 @@ def test_dlami_python_reaches_the_node_record_and_the_job_path(tmp_path: Path) -
             }
         ],
     }
-    (node,) = nodes._record_nodes(ws, SimpleNamespace(output=lambda: out))
+    (node,) = provision._record_nodes(ws, SimpleNamespace(output=lambda: out))
     # real AWS: the public address on port 22, the image's user, the image's PyTorch Python
     assert (node.host, node.port, node.user, node.private_ip) == ("54.210.1.2", 22, "ubuntu", "172.31.7.8")
     assert node.workdir == "/home/ubuntu/remotefit"
@@ -260,7 +261,7 @@ def test_dlami_python_reaches_the_node_record_and_the_job_path(tmp_path: Path) -
     assert "HostName 54.210.1.2" in cfg and "Port 22" in cfg and f"HostKeyAlias {iid}" in cfg
     # the runner runs with that Python, and its shims make the job's `python` that Python (on a stock
     # node's PATH: nothing puts /opt/pytorch/bin itself first)
-    t = jobs.Transport(node, tmp_path / "generated" / "ssh_config")
+    t = jobs.SshTransport(node, tmp_path / "generated" / "ssh_config")
     job = jobs.Job(path=tmp_path, name="j", command="python train.py")
     line = jobs.start_command(t, job, "j-1", "python train.py", gpu=True)
     assert "/opt/pytorch/bin/python3 -S /home/ubuntu/remotefit/.remotefit/runner.py start" in line
@@ -289,14 +290,19 @@ def test_aws_env_clients_tfvars_and_backend_have_no_endpoint(tmp_path: Path, mon
     monkeypatch.setenv("AWS_PROFILE", "team")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws_config"))
     (tmp_path / "aws_config").write_text("[profile team]\nregion = us-east-1\n")
-    ws = aws_ws(tmp_path)
+    # AWS_PROFILE only in the environment: load_settings lays it over aws_env_vars, as `inv` does.
+    (tmp_path / "aws_env_vars").write_text(
+        "AWS_ACCOUNT=acct\nAWS_REGION=us-east-1\nSTAGE=prod\nTF_STATE_BUCKET=remotefit-prod-state\nTARGET=aws\n"
+    )
+    ws = Workspace(root=tmp_path, defaults={}, settings=load_settings(tmp_path))
+    assert ws.settings.AWS_PROFILE == "team"
     assert ws.endpoint is None
     env = ws.aws_env()
     assert env == {"AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_PROFILE": "team"}
     s3 = ws.client("s3")
     assert re.fullmatch(r"https://s3(\.us-east-1)?\.amazonaws\.com", s3.meta.endpoint_url), s3.meta.endpoint_url
     assert (s3.meta.config.s3 or {}).get("addressing_style") != "path"
-    values = steps.backend_values(ws)
+    values = stack.backend_values(ws)
     assert values == {
         "bucket": "remotefit-prod-state",
         "key": "remotefit/prod/terraform.tfstate",
@@ -305,7 +311,7 @@ def test_aws_env_clients_tfvars_and_backend_have_no_endpoint(tmp_path: Path, mon
         "encrypt": True,
         "profile": "team",
     }
-    tfvars = steps.write_tfvars(ws, {}).read_text()
+    tfvars = stack.write_tfvars(ws, {}).read_text()
     assert re.search(r"^aws_endpoint\s*=\s*null$", tfvars, re.M), tfvars
     assert ws.supports("placement_groups") and ws.supports("tls_bucket_policy")
     no_sandbox(tmp_path)
@@ -355,7 +361,7 @@ def test_status_and_destroy_price_spot_nodes_at_the_spot_price(tmp_path: Path, m
     (tmp_path / "generated" / "node_vars.json").write_text(json.dumps({"max_hours": 8}))
     ec2 = ws.client("ec2")
     monkeypatch.setattr(ws, "client", lambda service, region=None: ec2)
-    monkeypatch.setattr(nodes, "read_state", lambda ws: None)  # no state in the bucket: the local records hold
+    monkeypatch.setattr(terraform_dir, "read_state", lambda ws: None)  # no state in the bucket: the local records hold
     instances = [
         {"InstanceId": n.instance_id, "State": {"Name": "running", "Code": 16}, "LaunchTime": launched}
         for n in (spot, demand)
@@ -377,7 +383,7 @@ def test_status_and_destroy_price_spot_nodes_at_the_spot_price(tmp_path: Path, m
         stub.add_response("describe_spot_price_history", history)  # once: the on-demand node asks nobody
         rows = {r["node"]: r for r in nodes.status_rows(ws, now=now)}
         stub.add_response("describe_spot_price_history", history)
-        total = nodes._spent(ws, [spot, demand])
+        total = provision._spent(ws, [spot, demand])
         stub.assert_no_pending_responses()
     # Each node at its own price plus its public IPv4 address ($0.005/h; no disk_gb recorded here):
     # the spot node at the spot price of the AZ it runs in (us-east-1a: 0.51, not the cheaper 1b's 0.49).

@@ -6,6 +6,7 @@ price of the AZ a node runs in."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,12 +16,13 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from remotefit import cost, nodes, preflight
+from remotefit import cost, nodes, preflight, stack
 from remotefit.config import Defaults, Paths, Settings
 from remotefit.errors import UserError
+from remotefit.nodes import provision, terraform_dir
 from remotefit.preflight import Candidate
 from remotefit.workspace import Workspace
-from tests.test_nodes_unit import CAPACITY, one_line_error
+from tests.test_nodes_unit import CAPACITY, apply_failure, one_line_error
 
 REGION = "us-east-1"
 
@@ -44,25 +46,25 @@ def _ws_for_owner(tmp_path: Path, arn: str) -> SimpleNamespace:
 def test_owner_is_pinned_by_the_state_then_the_last_apply(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = _ws_for_owner(tmp_path, "arn:aws:sts::1:assumed-role/Admin/session-2")
     state: dict[str, Any] = {}
-    monkeypatch.setattr(nodes, "read_state", lambda ws: (state, None))
-    assert nodes._owner(ws) == "arn:aws:iam::1:role/Admin"  # first apply: the role, not the session
+    monkeypatch.setattr(terraform_dir, "read_state", lambda ws: (state, None))
+    assert terraform_dir._owner(ws) == "arn:aws:iam::1:role/Admin"  # first apply: the role, not the session
     (tmp_path / "generated").mkdir()
     (tmp_path / "generated" / "node_vars.json").write_text(json.dumps({"owner": "arn:aws:iam::1:user/alice"}))
-    assert nodes._owner(ws) == "arn:aws:iam::1:user/alice"  # what the last apply used
+    assert terraform_dir._owner(ws) == "arn:aws:iam::1:user/alice"  # what the last apply used
     # a teammate's fresh clone has no node_vars, but the state says who launched the stage
     state["resources"] = [
         {"mode": "data", "instances": [{"attributes": {"tags_all": {"owner": "nope"}}}]},
         {"mode": "managed", "instances": [{"attributes": {"tags_all": {"owner": "arn:aws:iam::1:user/carol"}}}]},
     ]
-    assert nodes._owner(ws) == "arn:aws:iam::1:user/carol"
+    assert terraform_dir._owner(ws) == "arn:aws:iam::1:user/carol"
 
 
 def test_unreadable_state_falls_back_to_the_saved_owner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(ws: Any) -> dict[str, Any]:
         raise UserError("cannot read the state")
 
-    monkeypatch.setattr(nodes, "read_state", boom)
-    assert nodes._owner(_ws_for_owner(tmp_path, "arn:aws:iam::1:user/bob")) == "arn:aws:iam::1:user/bob"
+    monkeypatch.setattr(terraform_dir, "read_state", boom)
+    assert terraform_dir._owner(_ws_for_owner(tmp_path, "arn:aws:iam::1:user/bob")) == "arn:aws:iam::1:user/bob"
 
 
 # -- candidates: the running nodes' own place first ---------------------------------------
@@ -158,7 +160,7 @@ class PlanningTf:
     def apply_plan(self, planfile: Path) -> str:
         self.ran.append("apply_plan")
         if self.capacity:
-            raise UserError(CAPACITY.format(t="g5.xlarge", az="us-east-1a"))
+            raise apply_failure(CAPACITY.format(t="g5.xlarge", az="us-east-1a"))
         return "ok"
 
     def apply(self, tfvars: Path) -> str:
@@ -181,10 +183,10 @@ def running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     (gen / "nodes.json").write_text(json.dumps({"stage": "test", "nodes": [node]}))
     written: list[dict[str, Any]] = []
     holder: dict[str, Any] = {}
-    monkeypatch.setattr(nodes, "preflight_checks", lambda ws, spec: {"g5.xlarge": ["us-east-1a", "us-east-1b"]})
-    monkeypatch.setattr(nodes, "cost_lines", lambda ws, spec: [])
+    monkeypatch.setattr(provision, "preflight_checks", lambda ws, spec: {"g5.xlarge": ["us-east-1a", "us-east-1b"]})
+    monkeypatch.setattr(provision, "cost_lines", lambda ws, spec: [])
     monkeypatch.setattr(
-        nodes,
+        provision,
         "node_variables",
         lambda ws, spec, az, itype, market, refresh=False: {
             "instance_type": itype,
@@ -193,12 +195,12 @@ def running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
             "node_count": spec.nodes,
         },
     )
-    monkeypatch.setattr(nodes.steps, "write_tfvars", lambda ws, values: written.append(dict(values)) or Path("x"))
-    monkeypatch.setattr(nodes, "init_once", lambda ws, tf: None)
-    monkeypatch.setattr(nodes.steps, "terraform", lambda ws: holder["tf"])
-    monkeypatch.setattr(nodes, "_record_nodes", lambda ws, tf: ["node"])
-    monkeypatch.setattr(nodes, "wait_ready", lambda ws, n, gpu=False: 0.0)
-    monkeypatch.setattr(nodes, "ensure_key", lambda *a: None)
+    monkeypatch.setattr(stack, "write_tfvars", lambda ws, values: written.append(dict(values)) or Path("x"))
+    monkeypatch.setattr(stack, "init_once", lambda ws, tf: None)
+    monkeypatch.setattr(stack, "terraform", lambda ws: holder["tf"])
+    monkeypatch.setattr(provision, "_record_nodes", lambda ws, tf: ["node"])
+    monkeypatch.setattr(provision, "wait_ready", lambda ws, n, gpu=False: 0.0)
+    monkeypatch.setattr(provision, "ensure_key", lambda *a: None)
     ws = SimpleNamespace(
         paths=Paths(root=tmp_path, generated=gen, runs=tmp_path / "runs"),
         stage="test",
@@ -349,9 +351,9 @@ def test_estimate_counts_the_disk_and_the_public_address() -> None:
 
 def test_status_prices_spot_nodes_at_the_spot_price_of_their_az(tmp_path: Path) -> None:
     node = nodes.Node(**({k: "x" for k in nodes.Node.__dataclass_fields__} | {"index": 0, "port": 22}))
-    node = nodes.replace(node, instance_type="g5.xlarge", market="spot", availability_zone="us-east-1a")
+    node = replace(node, instance_type="g5.xlarge", market="spot", availability_zone="us-east-1a")
     ws = SimpleNamespace(settings=SimpleNamespace(AWS_REGION=REGION), client=lambda name: SpotHistory())
     rate = nodes.node_rate(ws, node, 150, az="us-east-1b")  # type: ignore[arg-type]
     assert rate == pytest.approx(0.50 + cost.extras_per_hour(150))
-    od = nodes.replace(node, market="on-demand")
+    od = replace(node, market="on-demand")
     assert nodes.node_rate(ws, od, 150) == pytest.approx(1.006 + cost.extras_per_hour(150))  # type: ignore[arg-type]

@@ -22,7 +22,17 @@ from remotefit.render import (
     terraformrc_text,
     write_hcl_file,
 )
-from remotefit.terraform import MIN_VERSION, Terraform, init_argv, parse_version, plan_argv, summarize_error
+from remotefit.terraform import (
+    MIN_VERSION,
+    Terraform,
+    TerraformError,
+    failure,
+    init_argv,
+    parse_version,
+    plan_argv,
+    summarize,
+    summarize_error,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -308,3 +318,29 @@ def test_summarize_other_errors():
     assert summarize_error(out) == "Unsupported argument (main.tf:12)"
     assert summarize_error("just\nthe last line\n") == "the last line"
     assert summarize_error("") == "no output"
+
+
+@pytest.mark.parametrize(
+    ("output", "kind"),
+    [
+        (LOCKED, "locked"),
+        (
+            "Error: creating EC2 Instance: operation error EC2: RunInstances, api error InsufficientInstanceCapacity: "
+            "We currently do not have sufficient g5.xlarge capacity\n",
+            "capacity",
+        ),
+        ("Error: api error VcpuLimitExceeded: You have requested more vCPU capacity\n", "quota"),
+        ("Error: api error UnauthorizedOperation: You are not authorized to perform this operation\n", "other"),
+        ("", "other"),
+    ],
+)
+def test_summarize_says_the_kind_of_error(output: str, kind: str):
+    assert summarize(output) == (summarize_error(output), kind)
+
+
+def test_a_failed_run_is_a_terraform_error_with_its_kind_and_the_same_line():
+    err = failure("terraform apply failed", LOCKED, "gen/tf", code=1, note=" (full output: gen/tf/last-apply.log)")
+    assert isinstance(err, TerraformError) and err.kind == "locked" and err.code == 1
+    assert err.message == (
+        f"terraform apply failed: {summarize_error(LOCKED, 'gen/tf')} (full output: gen/tf/last-apply.log)"
+    )

@@ -316,7 +316,7 @@ def test_untranslated_aws_and_os_errors_are_one_line(monkeypatch) -> None:
     from invoke import Context, Exit
 
     import tasks
-    from remotefit import nodes
+    from remotefit.nodes import fleet
 
     def boom_aws(ws):
         raise botocore.exceptions.ClientError(
@@ -328,7 +328,7 @@ def test_untranslated_aws_and_os_errors_are_one_line(monkeypatch) -> None:
 
     monkeypatch.setattr(tasks, "_ws", lambda c: object())
     for boom, needle in ((boom_aws, "UnauthorizedOperation"), (boom_os, "Permission denied")):
-        monkeypatch.setattr(nodes, "status_rows", boom)
+        monkeypatch.setattr(fleet, "status_rows", boom)
         with pytest.raises(Exit) as exc:
             tasks.status(Context())
         assert exc.value.code == 1

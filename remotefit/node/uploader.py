@@ -168,6 +168,7 @@ def run(args: argparse.Namespace, s3: object = None, transfer_config: object = N
     if threading.current_thread() is threading.main_thread():  # (tests drive it from a thread)
         signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
     log(f"keeping s3://{args.bucket}/{up.prefix}/ every {args.every:g} s")
+    # A job that ended before the client was ready (a short one) gets the final pass only, not two passes.
     while not (stop.exists() or stopping["now"]):
         files, size, errors = up.upload_pass(outputs, log_file, args.log_key, also)
         if files:

@@ -1,7 +1,17 @@
-"""The seed README's steps as functions: check, env, tfvars, backend, render, validate (and init/plan)."""
+"""The Terraform stack in generated/: what the seed README's steps set up before any node exists.
+
+`inv check` (the tools it needs), `inv env`, the tfvars file (`write_tfvars`, the only writer of it), the
+state backend (`inv backend`), the templates rendered into generated/terraform (`inv render`),
+`inv validate`, and `terraform init` (`init_once`: cached, for plan, apply and destroy alike).
+
+Named for what it builds and drives, the stack of templates, backend and variables that Terraform runs
+on, rather than after the README's numbered steps it began as (steps.py); the nodes that run on it are
+remotefit/nodes/.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -53,7 +63,8 @@ def env_lines(ws: Workspace) -> list[str]:
 
 # -- tfvars -----------------------------------------------------------------------------
 def write_tfvars(ws: Workspace, node_values: dict[str, object]) -> Path:
-    """generated/<AWS_ACCOUNT>.tfvars: the seed's name/region/environment, then what the templates need."""
+    """Write generated/<AWS_ACCOUNT>.tfvars: the seed's name/region/environment, then `node_values` (what
+    remotefit/nodes/ computed for the templates). Every tfvars file is written here."""
     s = ws.settings
     values: dict[str, object] = {"name": s.AWS_ACCOUNT, "region": s.AWS_REGION, "environment": s.STAGE}
     values["aws_endpoint"] = ws.endpoint
@@ -76,15 +87,7 @@ def backend_values(ws: Workspace) -> dict[str, object]:
         "use_lockfile": True,
         "encrypt": True,
     }
-    if ws.endpoint:
-        values |= {
-            "endpoints": {"s3": ws.endpoint, "sts": ws.endpoint},
-            "use_path_style": True,
-            "skip_credentials_validation": True,
-            "skip_requesting_account_id": True,
-            "skip_metadata_api_check": True,
-            "skip_region_validation": True,
-        }
+    values |= ws.backend_overrides()
     if s.AWS_PROFILE:
         values["profile"] = s.AWS_PROFILE
     return values
@@ -155,13 +158,41 @@ def terraform(ws: Workspace, with_cloud: bool = True) -> Terraform:
     return tf
 
 
-def init(ws: Workspace, tf: Terraform | None = None) -> Terraform:
-    """Render, check the state bucket, and `terraform init` against the S3 backend."""
-    tf = tf or terraform(ws)
+def _init_fingerprint(ws: Workspace, tf: Terraform) -> str | None:
+    """What `terraform init` depends on, hashed; None when generated/terraform is not initialised."""
+    dot = tf.workdir / ".terraform"
+    if not (dot / "providers").is_dir():
+        return None
+    h = hashlib.sha256(f"{tf.binary}\0{tf.env.get('TF_CLI_CONFIG_FILE', '')}\0".encode())
+    inputs = [ws.paths.backend_file, tf.workdir / "versions.tf", tf.workdir / ".terraform.lock.hcl"]
+    inputs.append(dot / "terraform.tfstate")  # the backend init configured (a hand-run init changes it)
+    if tf.env.get("TF_CLI_CONFIG_FILE"):
+        inputs.append(Path(tf.env["TF_CLI_CONFIG_FILE"]))
+    for f in inputs:
+        try:
+            h.update(f.read_bytes() + b"\0")
+        except OSError:
+            return None
+    return h.hexdigest()
+
+
+def init_once(ws: Workspace, tf: Terraform) -> None:
+    """Render, check the state bucket, and `terraform init` against the S3 backend only when the backend
+    config, provider requirements or CLI config changed since the last init (init costs ~1.2 s per plan,
+    apply and destroy)."""
     render(ws)
-    require_backend(ws)
+    require_backend(ws)  # rewrites backend.hcl: the sandbox endpoint may have moved
+    stamp = tf.workdir / ".terraform" / "remotefit-init.sha256"
+    fingerprint = _init_fingerprint(ws, tf)
+    try:
+        if fingerprint and stamp.read_text().strip() == fingerprint:
+            return
+    except OSError:
+        pass
     tf.init(ws.paths.backend_file)
-    return tf
+    fingerprint = _init_fingerprint(ws, tf)
+    if fingerprint:
+        atomic_write(stamp, fingerprint)
 
 
 def validate(ws: Workspace) -> list[str]:
