@@ -175,14 +175,15 @@ def main() -> None:
         if met
         else f"""The targets are missed by a fixed cost that no change to the fit loop can remove: starting `inv`
 (Python, invoke and tasks.py: {list_m:.2f} s, the floor row) and remotefit's imports (pydantic for the
-settings and job.toml; ~0.2 s) are paid once per command, while one ssh session on a loopback sandbox
-node costs ~10 ms. By hand is therefore a few tenths of a second here; on a real node every round trip
-adds 20-100 ms to both sides and the ratio falls accordingly. `inv fit` also waits for the run's final
-upload to the runs bucket (the durable-runs promise: a run counts as finished once its results are
-kept): for a job this short that is the uploader's own start (boto3, ~0.7 s, beside the job), which by
-hand does not do. Before these figures, every sandbox ssh session sourced this machine's ~/.bashrc
-(pyenv: ~0.17 s a session; a stock node's returns at once), which slowed the by-hand side most:
-sandbox nodes now have their own HOME.
+settings and job.toml; ~0.2 s) are paid once per command; the sync itself is no slower than rsync (the
+in-process row). `inv fit` also waits for the run's final upload to the runs bucket (the durable-runs
+promise: a run counts as finished once its results are kept): for a job this short that is mostly the
+uploader's own start (boto3, ~0.7 s, beside the job), which by hand does not do. On this machine every
+sandbox ssh session also sources /root/.bashrc (pyenv init, ~0.17 s a session; bash reads it for sshd
+commands, a stock node's returns at once for them), which weighs on both sides; giving sandbox nodes their
+own HOME removed it (one session 0.17 s -> 0.01 s) but was taken back for now: the one CI run with it took
+39 min instead of ~23 (cause not found; pip's config also lives in that HOME). On a real node every round
+trip adds 20-100 ms to both sides.
 """
     )
     md = f"""## Jobs: `inv fit` and `inv sync` against rsync + ssh by hand
@@ -199,8 +200,8 @@ ControlMaster connection for both sides), {opts.rounds} interleaved rounds, medi
 | bytes sent, one 512 KB file changed | {median(sent) / 1024:.0f} KB | file {sizes[0] / 1024:.0f} KB | {over:.3f}x | ≤ 1.10x ({ok(over <= 1.1)}) |
 
 `inv fit` makes three round trips per node (sync, or with nothing changed on either side since
-the last sync a single digest check instead of rsync's file lists; `runner.py start --follow` in one
-ssh, contract.py and runner.py on its stdin; one pull rsync for outputs and log), the same count as by
+the last sync a single digest check instead of rsync's file lists; `runner.py start --request -` in one
+ssh, the start request and the node files on its stdin; one pull rsync for outputs and log), the same count as by
 hand. `inv fit` imports {"no" if not aws_imports else ", ".join(aws_imports)} boto3/botocore modules
 (`python -X importtime`).
 

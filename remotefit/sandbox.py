@@ -578,11 +578,7 @@ def sshd_config_text(
             "Subsystem sftp internal-sftp",
             # REMOTEFIT_TOOLS_PYTHON: the node-side tools' Python (the uploader's, the data fetcher's); a real
             # node's is /opt/remotefit-tools, made by its user data; here the dev venv's, which has boto3.
-            # HOME: the node's own home (its workdir's parent), not this machine user's, whose shell start-up
-            # files bash reads for every ssh command (on this machine: pyenv's, ~0.2 s per call; a stock
-            # node's ~/.bashrc returns at once for such shells).
-            f'SetEnv "HOME={pidfile.parent / "home"}" REMOTEFIT_NODE={node} "REMOTEFIT_BOOT_DIR={boot}" '
-            f'"REMOTEFIT_BOOT_LOG={boot / "boot.log"}" '
+            f'SetEnv REMOTEFIT_NODE={node} "REMOTEFIT_BOOT_DIR={boot}" "REMOTEFIT_BOOT_LOG={boot / "boot.log"}" '
             f'"REMOTEFIT_TOOLS_PYTHON={sys.executable}"'
             + (
                 # AWS credentials as on EC2: from the node's metadata service (the instance profile), never

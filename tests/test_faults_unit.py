@@ -172,24 +172,23 @@ def test_env_secrets_travel_on_stdin_never_in_the_command_line(tmp_path: Path):
     t = jobs.LocalTransport(_node(base))
     env = {"TOKEN": "s3cr3t-value", "QUOTE": 'it\'s "x"\n y'}
     loaded = jobs.load_job(job)
-    line = jobs.start_command(t, loaded, "j-1", "python train.py", False, env=env, then_follow=True)
+    line = jobs.start_command(t)
     assert "s3cr3t" not in line and "it's" not in line
-    # The line really works: a fake runner prints its argv and the env file it was given.
+    # The line really works: a fake runner prints its argv and the request it read on stdin, and lists
+    # what the node's .remotefit folder holds then (no env file: the env never touches the disk).
     fake = (
-        "import json, os, stat, sys\nargs = sys.argv[1:]\nf = args[args.index('--env-file') + 1]\n"
-        "print(json.dumps([args, json.load(open(f)), stat.S_IMODE(os.stat(f).st_mode)]))\n"
+        "import json, os, sys\nrequest = json.load(sys.stdin)\n"
+        "print(json.dumps([sys.argv[1:], request['env'], sorted(os.listdir(os.path.dirname(__file__)))]))\n"
     )
+    request = jobs.start_request(loaded, "j-1", "python train.py", False, env=env)
     res = subprocess.run(
-        t.argv(jobs.start_command(t, loaded, "j-1", "python train.py", False, env=env)),
-        input=jobs.start_input(env, fake),
-        capture_output=True,
-        text=True,
-        check=True,
+        t.argv(line), input=jobs.start_input(request, fake), capture_output=True, text=True, check=True
     )
     import json
 
-    args, got, mode = json.loads(res.stdout)
-    assert got == env and mode == 0o600 and args[0] == "start"
+    args, got, files = json.loads(res.stdout)
+    assert got == env and args[0] == "start" and "s3cr3t" not in " ".join(args)
+    assert files == ["contract.py", "runner.py", "uploader.py"]
     assert (base / ".remotefit" / "runner.py").read_text() == fake
 
 

@@ -197,36 +197,56 @@ def test_sync_argv_and_summary(tmp_path: Path):
     assert jobs.sync_summary("") == (0, 0, 0)
 
 
-def test_start_command_ships_runner_and_env(tmp_path: Path):
+def test_start_command_ships_runner_and_request(tmp_path: Path):
     job = make(tmp_path)
     t = jobs.SshTransport(node(0), Path("/cfg"))
-    line = jobs.start_command(t, job, "j-1", "python train.py", False, env={"A": "it's"}, then_follow=True)
+    line = jobs.start_command(t)
     assert "cat > /home/ubuntu/remotefit/.remotefit/runner.py.$$" in line
-    assert "--outputs outputs --outputs-dir /home/ubuntu/remotefit/outputs/j-1" in line  # the runner links it
-    assert "python3 -S /home/ubuntu/remotefit/.remotefit/runner.py start" in line
-    assert line.endswith("--json --outputs outputs --outputs-dir /home/ubuntu/remotefit/outputs/j-1 --follow")
-    assert "--check-cuda" not in line and "--check-cuda" in jobs.start_command(t, job, "j-1", "x", True)
+    assert line.endswith(
+        "printf '%s' \"$RF_REQUEST\" | python3 -S /home/ubuntu/remotefit/.remotefit/runner.py start "
+        "--base /home/ubuntu/remotefit --request -"
+    )
+    request = jobs.start_request(job, "j-1", "python train.py", False, env={"A": "it's"}, then_follow=True)
+    assert request == {
+        "run_id": "j-1",
+        "job": "j",
+        "cmd": "python train.py",
+        "env": {"A": "it's"},
+        "outputs": "outputs",  # the runner links it to outputs/j-1 beside runs/
+        "requirements": None,
+        "setup": None,
+        "check_cuda": False,
+        "follow": True,
+    }
+    from remotefit.node import contract
+
+    assert contract.start_request_problem(request) is None
+    assert jobs.start_request(job, "j-1", "x", True)["check_cuda"] is True
 
 
 def test_start_command_runs_in_a_shell(tmp_path: Path):
-    """The line really works: run it locally with a fake runner that prints its argv and env file."""
+    """The line really works: run it locally with a fake runner that prints its argv and the request it
+    read on stdin (the env never in a command line, never in a file)."""
     job = make(tmp_path)
     base = tmp_path / "base"
     (base / "jobs" / "j").mkdir(parents=True)
     n = Node(0, "local", "local", "h", 0, "me", "", str(base), "python3", "local", "local", "local", "t")
     t = jobs.LocalTransport(n)
-    fake = "import json, sys\nargs = sys.argv[1:]\nprint(json.dumps(args))\n"
-    line = jobs.start_command(t, job, "j-1", "python train.py", False, env={"Q": "a 'b' c"})
-    stdin = jobs.start_input({"Q": "a 'b' c"}, fake)  # env line, then runner.py
-    res = subprocess.run(t.argv(line), input=stdin, capture_output=True, text=True, check=True)
-    args = json.loads(res.stdout)
-    assert args[0] == "start" and args[args.index("--cmd") + 1] == "python train.py"
-    assert json.loads((base / ".remotefit" / "env-j-1.json").read_text()) == {"Q": "a 'b' c"}
-    # contract.py (read by byte count before runner.py) lands whole beside the runner
+    fake = "import json, sys\nprint(json.dumps([sys.argv[1:], json.load(sys.stdin)]))\n"
+    request = jobs.start_request(job, "j-1", "python train.py", False, env={"Q": "a 'b' c\nd"})
+    line = jobs.start_command(t)
+    assert "a 'b'" not in line
+    res = subprocess.run(
+        t.argv(line), input=jobs.start_input(request, fake), capture_output=True, text=True, check=True
+    )
+    args, got = json.loads(res.stdout)
+    assert args == ["start", "--base", str(base), "--request", "-"]
+    assert got == request
+    # contract.py and uploader.py (read by byte count before runner.py) land whole beside the runner
     assert (base / ".remotefit" / "contract.py").read_text() == (jobs.CONTRACT).read_text()
+    assert (base / ".remotefit" / "uploader.py").read_text() == (jobs.UPLOADER).read_text()
     assert (base / ".remotefit" / "runner.py").read_text() == fake
-    assert args[args.index("--outputs") + 1] == "outputs"
-    assert args[args.index("--outputs-dir") + 1] == f"{base}/outputs/j-1"
+    assert sorted(p.name for p in (base / ".remotefit").iterdir()) == ["contract.py", "runner.py", "uploader.py"]
 
 
 def test_run_json_cost_and_duration():

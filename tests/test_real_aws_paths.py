@@ -263,10 +263,10 @@ def test_dlami_python_reaches_the_node_record_and_the_job_path(tmp_path: Path) -
     # node's PATH: nothing puts /opt/pytorch/bin itself first)
     t = jobs.SshTransport(node, tmp_path / "generated" / "ssh_config")
     job = jobs.Job(path=tmp_path, name="j", command="python train.py")
-    line = jobs.start_command(t, job, "j-1", "python train.py", gpu=True)
+    line = jobs.start_command(t)
     assert "/opt/pytorch/bin/python3 -S /home/ubuntu/remotefit/.remotefit/runner.py start" in line
     assert "PATH=" not in line
-    assert "--check-cuda" in line
+    assert jobs.start_request(job, "j-1", "python train.py", gpu=True)["check_cuda"] is True
     no_sandbox(tmp_path)
 
 

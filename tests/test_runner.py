@@ -341,3 +341,67 @@ def test_start_with_follow_streams_in_the_same_process(base):
     lines = [json.loads(ln) for ln in r.stderr.decode().splitlines() if ln.startswith("{")]
     assert [m["type"] for m in lines] == ["started", "status"], r.stderr
     assert lines[0]["run_id"] == "r1" and lines[1]["state"] == "finished" and lines[1]["exit_code"] == 3
+
+
+def _request(**over):
+    request = {
+        "run_id": "r-1",
+        "job": "job",
+        "cmd": 'echo "$TOKEN" > outputs/token; echo done',
+        "env": {"TOKEN": "s3cr3t"},
+        "outputs": "outputs",
+        "requirements": None,
+        "setup": None,
+        "check_cuda": False,
+        "follow": False,
+    }
+    return {**request, **over}
+
+
+def test_start_from_a_request_on_stdin(base):
+    """The laptop's form: one JSON request on stdin; the runner derives the job and outputs folders from
+    its layout, gives the job the env, and no file ever holds it."""
+    res = subprocess.run(
+        [sys.executable, str(RUNNER), "start", "--base", str(base), "--request", "-"],
+        input=json.dumps(_request()).encode(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    started = json.loads(res.stdout)  # the request implies --json
+    assert started["run_id"] == "r-1"
+    assert wait_exit_code(base, "r-1") == 0
+    assert (base / "outputs" / "r-1" / "token").read_text() == "s3cr3t\n"
+    assert (base / "jobs" / "job" / "outputs").resolve() == (base / "outputs" / "r-1").resolve()
+    leftovers = [p for p in base.rglob("*") if p.is_file() and "s3cr3t" in p.read_text(errors="ignore")]
+    assert leftovers == [base / "outputs" / "r-1" / "token"]  # only what the job itself wrote
+
+
+@pytest.mark.parametrize(
+    ("stdin", "needle"),
+    [
+        (b"not json", "the start request is not valid JSON"),
+        (b"[]", "the start request is not a JSON object"),
+        (json.dumps({k: v for k, v in _request().items() if k != "cmd"}).encode(), "missing keys cmd"),
+        (json.dumps(_request(extra=1)).encode(), "unknown keys extra"),
+        (json.dumps(_request(env={"A": 1})).encode(), "env has the wrong type"),
+        (json.dumps(_request(follow="yes")).encode(), "follow has the wrong type"),
+        (json.dumps(_request(run_id="../x")).encode(), "run id"),
+    ],
+)
+def test_a_bad_start_request_is_one_line(base, stdin, needle):
+    res = subprocess.run(
+        [sys.executable, str(RUNNER), "start", "--base", str(base), "--request", "-"],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+    )
+    assert res.returncode == 2
+    assert needle in one_line_error(res.stderr)
+    assert not (base / "runs").exists() or not any((base / "runs").iterdir())
+
+
+def test_start_without_a_request_needs_its_flags(base):
+    res = rf(base, "start", "--cmd", "true")
+    assert res.returncode == 2
+    assert "start needs --run-id, --job-dir and --cmd, or --request -" in one_line_error(res.stderr)

@@ -53,6 +53,7 @@ _WHERE = {
     "keep_spec": "remotefit.jobs.launch",
     "start_command": "remotefit.jobs.launch",
     "start_input": "remotefit.jobs.launch",
+    "start_request": "remotefit.jobs.launch",
     "git_commit": "remotefit.jobs.launch",
     "_check_local_cuda": "remotefit.jobs.launch",
     "RunRecord": "remotefit.jobs.records",

@@ -23,6 +23,7 @@ from remotefit.jobs.launch import (
     run_outputs,
     start_command,
     start_input,
+    start_request,
 )
 from remotefit.jobs.records import (
     RunRecord,
@@ -80,8 +81,8 @@ class _Run:
         if self.ws is not None and not self.local:  # results outlive the nodes: kept in the runs bucket
             env[contract.KEEP_KEY] = json.dumps(keep_spec(self.ws, self.job, self.record, rank))
         cmd = launch_command(self.job, self.extra, self.chosen, rank, self.gpus, master_port=self.port)
-        line = start_command(t, self.job, run_id, cmd, self.want_gpu, env=env, then_follow=then_follow)
-        return line, start_input(env)
+        request = start_request(self.job, run_id, cmd, self.want_gpu, env=env, then_follow=then_follow)
+        return start_command(t), start_input(request)
 
     def refuse(self, t: Transport, code: int, stderr: str, started: list[Transport]) -> UserError:
         """The run could not start on `t`: cancel the ranks already started, forget the record, say why."""

@@ -139,66 +139,65 @@ def keep_spec(ws: Workspace, job: Job, record: RunRecord, rank: int) -> dict[str
     }
 
 
-def start_command(
-    t: Transport,
+def start_request(
     job: Job,
     run_id: str,
     cmd: str,
     gpu: bool,
     env: dict[str, str] | None = None,
     then_follow: bool = False,
-) -> str:
-    """One shell line for the node: install contract.py + runner.py and write the env file (all sent
-    on stdin, see start_input), start the run (the runner links outputs/); with then_follow, the same
-    runner process streams its log (start's JSON goes to stderr then, and the run's status ends
-    stderr as a JSON line)."""
-    base = t.node.workdir
-    rdir = contract.runner_dir(base)
-    jobdir = contract.job_dir(base, job.name)
-    outdir = run_outputs(base, run_id)
-    envfile = contract.env_file(base, run_id)
+) -> dict[str, Any]:
+    """What the runner needs to start a run (contract.START_REQUEST); it derives the job and outputs folders
+    from the node layout. With then_follow the same runner process streams the log (start's JSON goes to
+    stderr then, and the run's status ends stderr as a JSON line)."""
+    return {
+        "run_id": run_id,
+        "job": job.name,
+        "cmd": cmd,
+        "env": dict(env or {}),
+        # outputs/ in the job folder points at this run's own outputs (the runner links it, refusing any
+        # path out of the job folder): any script writing ./outputs works, and runs never mix.
+        "outputs": job.outputs,
+        "requirements": job.requirements,
+        "setup": job.setup or None,
+        "check_cuda": gpu,
+        "follow": then_follow,
+    }
+
+
+def start_command(t: Transport) -> str:
+    """One shell line for the node: install contract.py, uploader.py and runner.py, then start the run
+    from the request (all sent on stdin, see start_input).
+
+    The request comes first, as one line that `read` takes exactly from the pipe, and reaches the runner
+    through a pipe from the shell's builtin printf: its env may carry tokens (job.toml [env], --env), which
+    so never appear in a command line (visible in `ps` on both machines) nor in a file. Then exactly
+    contract.py's and uploader.py's bytes are read and `cat` takes the rest (runner.py); each file is in
+    place before the runner that imports it starts."""
+    rdir = contract.runner_dir(t.node.workdir)
     q = shlex.quote
-    # stdin (start_input): the env as one JSON line, then contract.py, then runner.py. job.toml [env]
-    # may carry tokens: they never appear in a command line (visible in `ps` on both machines), only
-    # in a shell variable and a 0600 file that the runner deletes as soon as it has read it. `read`
-    # takes exactly one line from a pipe, then exactly contract.py's bytes are read, and `cat` takes
-    # the rest. contract.py is in place before the runner that imports it. Nodes run Linux, whose
-    # GNU head never reads past -c; on this machine (--local, maybe a Mac whose head reads ahead)
-    # dd bs=1 reads byte by byte instead (slower: a few ms).
     contract_src, uploader_src, _runner = node_sources()
 
     def exact(text: str) -> str:
         return t.read_exact(len(text.encode()))
 
     install = (
-        f"IFS= read -r RF_ENV && mkdir -p {q(rdir)} && "
+        f"IFS= read -r RF_REQUEST && mkdir -p {q(rdir)} && "
         f"{exact(contract_src)} > {q(rdir)}/contract.py.$$ && {exact(uploader_src)} > {q(rdir)}/uploader.py.$$ && "
         f"cat > {q(rdir)}/runner.py.$$ && mv -f {q(rdir)}/contract.py.$$ {q(rdir)}/contract.py && "
         f"mv -f {q(rdir)}/uploader.py.$$ {q(rdir)}/uploader.py && mv -f {q(rdir)}/runner.py.$$ {q(rdir)}/runner.py"
     )
-    envwrite = f"(umask 077 && printf '%s' \"$RF_ENV\" > {q(envfile)})"
-    # outputs/ in the job folder points at this run's own outputs (the runner links it, refusing any
-    # path out of the job folder): any script writing ./outputs works, and runs never mix.
-    args = ["start", "--run-id", run_id, "--job-dir", jobdir, "--cmd", cmd, "--env-file", envfile, "--json"]
-    args += ["--outputs", job.outputs, "--outputs-dir", outdir]
-    if job.requirements:
-        args += ["--requirements", job.requirements]
-    if job.setup:
-        args += ["--setup", job.setup]
-    if gpu:
-        args.append("--check-cuda")
-    if then_follow:
-        args.append("--follow")
     # The job's `python` is the node's Python through the runner's shims (remotefit/node/runner.py), on a
     # stock node's PATH: nothing here puts the node Python's own folder (the sandbox's: our venv) on it.
-    return f"{install} && {envwrite} && exec {t.runner_line(*args)}"
+    return f"{install} && printf '%s' \"$RF_REQUEST\" | {t.runner_line('start', '--request', '-')}"
 
 
-def start_input(env: dict[str, str] | None, runner_src: str | None = None) -> str:
-    """What start_command reads on stdin: the env as one JSON line (json.dumps escapes newlines),
-    then contract.py, uploader.py and runner.py (`runner_src` replaces the packaged runner, for tests)."""
+def start_input(request: dict[str, Any], runner_src: str | None = None) -> str:
+    """What start_command reads on stdin: the request as one JSON line (json.dumps escapes newlines), then
+    contract.py, uploader.py and runner.py (`runner_src` replaces the packaged runner, for tests)."""
     contract_src, uploader_src, packaged = node_sources()
-    return json.dumps(env or {}) + "\n" + contract_src + uploader_src + (packaged if runner_src is None else runner_src)
+    line = json.dumps(request) + "\n"
+    return line + contract_src + uploader_src + (packaged if runner_src is None else runner_src)
 
 
 def git_commit(path: Path) -> str | None:

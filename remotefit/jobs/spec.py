@@ -163,7 +163,7 @@ def passed_env(
 ) -> tuple[dict[str, str], list[str]]:
     """The variables forwarded to the job from this machine's environment: job.toml's pass_env plus
     `--env NAME` / `--env NAME=VALUE`. Returns (values, warnings). The values travel only on the start
-    command's stdin into the node's 0600 env file: never into a file here, run.json or a log."""
+    command's stdin into the runner's memory: never into a file (here or on the node), run.json or a log."""
     environ = dict(os.environ) if environ is None else environ
     values: dict[str, str] = {}
     warnings: list[str] = []

@@ -135,6 +135,40 @@ def env_file(base: str, run_id: str) -> str:
     return posixpath.join(base, RUNNER_DIR, f"env-{run_id}.json")
 
 
+# --------------------------------------------------------------------------- the start request
+
+# `runner.py start --request -` reads one JSON object on its stdin (the laptop's start command pipes it
+# from a shell variable: its env may hold tokens, which never appear in a command line or a file). The
+# runner derives the job folder and the outputs folder from the layout above.
+START_REQUEST = {
+    "run_id": str,  # RUN_ID_PATTERN
+    "job": str,  # the job's name: its folder is job_dir(base, job)
+    "cmd": str,  # shell command (bash -c) run in the job folder
+    "env": dict,  # extra environment (str: str); KEEP_KEY among it is for the uploader, not the job
+    "outputs": (str, type(None)),  # folder in the job folder linked to outputs_dir(base, run_id)
+    "requirements": (str, type(None)),  # requirements file in the job folder, for a cached venv
+    "setup": (str, type(None)),  # shell command run before cmd
+    "check_cuda": bool,  # fail with EXIT_NO_CUDA unless torch sees CUDA
+    "follow": bool,  # then stream the log in the same process
+}
+
+
+def start_request_problem(request: object) -> str | None:
+    """What is wrong with a start request (one line), or None."""
+    if not isinstance(request, dict):
+        return "the start request is not a JSON object"
+    missing = sorted(set(START_REQUEST) - set(request))
+    extra = sorted(set(request) - set(START_REQUEST))
+    if missing or extra:
+        return f"the start request has {'missing keys ' + ', '.join(missing) if missing else 'unknown keys ' + ', '.join(extra)}"
+    for key, kind in START_REQUEST.items():
+        if not isinstance(request[key], kind) or (
+            kind is dict and not all(isinstance(v, str) for v in request[key].values())
+        ):
+            return f"the start request's {key} has the wrong type"
+    return None
+
+
 def spot_notice_path(base: str, run_id: str) -> str:
     """Written by the watchdog when it forwards a spot notice to the run: the runner's status then says the
     run was interrupted (not a job that failed with 143), and `fit` recovers it."""

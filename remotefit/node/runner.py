@@ -434,6 +434,34 @@ def check_cuda(python: str, env: dict, cwd: str) -> tuple[bool, str]:
 # --------------------------------------------------------------------------- start
 
 
+def from_request(args: argparse.Namespace, layout: Layout) -> tuple[argparse.Namespace, dict]:
+    """`start --request -`: the start's arguments and the job's extra environment from one JSON object on
+    stdin (contract.START_REQUEST). The env stays in memory: no file on the node ever holds it."""
+    source = sys.stdin if args.request == "-" else None
+    if source is None:
+        raise RunnerError("--request takes only - (the request on stdin)", EXIT_USAGE)
+    try:
+        request = json.loads(source.read())
+    except ValueError as exc:
+        raise RunnerError(f"the start request is not valid JSON: {exc}", EXIT_USAGE) from None
+    problem = contract.start_request_problem(request)
+    if problem:
+        raise RunnerError(problem, EXIT_USAGE)
+    run_id = check_run_id(request["run_id"])
+    filled = argparse.Namespace(**vars(args))
+    filled.run_id = run_id
+    filled.job_dir = contract.job_dir(layout.base, request["job"])
+    filled.cmd = request["cmd"]
+    filled.outputs = request["outputs"]
+    filled.outputs_dir = contract.outputs_dir(layout.base, run_id) if request["outputs"] is not None else None
+    filled.requirements = request["requirements"]
+    filled.setup = request["setup"]
+    filled.check_cuda = request["check_cuda"]
+    filled.follow = request["follow"]
+    filled.json = True
+    return filled, dict(request["env"])
+
+
 def load_env_file(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -537,7 +565,11 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     layout = Layout(args.base)
     extra_env: dict = {}
-    if args.env_file:
+    if args.request is not None:
+        args, extra_env = from_request(args, layout)
+    elif not (args.run_id and args.job_dir and args.cmd):
+        raise RunnerError("start needs --run-id, --job-dir and --cmd, or --request -", EXIT_USAGE)
+    elif args.env_file:
         # It may hold tokens (job.toml [env]): read once, then gone; the job gets them in its
         # environment, and nothing else keeps them.
         try:
@@ -1072,9 +1104,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--run-id")
         return sp
 
-    sp = add("start", "start a job in the background and print its run id")
-    sp.add_argument("--job-dir", required=True, help="directory the command runs in")
-    sp.add_argument("--cmd", required=True, help="shell command (run with bash -c)")
+    sp = add("start", "start a job in the background and print its run id", run_id="optional")
+    sp.add_argument("--request", help="- : everything below as one JSON object on stdin (contract.START_REQUEST)")
+    sp.add_argument("--job-dir", help="directory the command runs in (required without --request)")
+    sp.add_argument("--cmd", help="shell command (run with bash -c; required without --request)")
     sp.add_argument("--env-file", help="JSON object of extra environment variables")
     sp.add_argument("--requirements", help="requirements file (relative to --job-dir) for a cached venv")
     sp.add_argument("--outputs", help="folder (relative to --job-dir) to link to --outputs-dir")
