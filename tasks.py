@@ -443,19 +443,21 @@ def sandbox_down(c):
 @task(name="status")
 @_guard
 def sandbox_status(c):
-    """Show whether the sandbox moto server and nodes are running."""
+    """Show the sandbox: its moto server, which kind of node it starts, and each node's state."""
     from remotefit.config import Paths
     from remotefit.sandbox import Sandbox
 
-    sb = Sandbox(Paths.at(ROOT).sandbox_dir)
-    srv = sb.server()
-    print(
-        f"moto server: {srv.endpoint} (pid {srv.pid})"
-        if srv
-        else "moto server: not running (`inv sandbox.up` restores its state and re-adopts live nodes)"
-    )
-    for n in sb.nodes():
-        print(f"node {n.instance_id}: ssh on 127.0.0.1:{n.port} (pid {n.pid}, {'up' if n.alive() else 'dead'})")
+    _say(Sandbox(Paths.at(ROOT).sandbox_dir).status_lines())
+
+
+@task(name="console", positional=["instance"], help={"instance": "The node's instance id (`inv sandbox.status`)."})
+@_guard
+def sandbox_console(c, instance):
+    """Show a sandbox node's console: its boot as systemd and cloud-init printed it."""
+    from remotefit.config import Paths
+    from remotefit.sandbox import Sandbox
+
+    print(Sandbox(Paths.at(ROOT).sandbox_dir).console(instance))
 
 
 @task(
@@ -521,7 +523,7 @@ tunnel_ns = Collection("tunnel")
 tunnel_ns.add_task(tunnel_open, default=True)
 tunnel_ns.add_task(tunnel_list)
 tunnel_ns.add_task(tunnel_close)
-sandbox = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_interrupt)
+sandbox = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_console, sandbox_interrupt)
 ns = Collection(
     check,
     env,

@@ -33,6 +33,8 @@ from remotefit.ssh import ssh_close_argv
 SANDBOX_REGION_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 SSHD = "/usr/sbin/sshd"
 MOTO_SEED = 20260101  # any fixed number: the same seed and requests give the same IDs
+NODES_ENV = "REMOTEFIT_SANDBOX_NODES"  # loopback (default) | container | auto
+NODE_MODES = ("loopback", "container", "auto")
 
 
 def free_port(prefer: int | None = None) -> int:
@@ -138,6 +140,32 @@ class Sandbox:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.record = directory / "moto.json"
+
+    def node_mode(self) -> tuple[str, str]:
+        """(mode, why) for new nodes: "container" (sandbox_machine: booted Debian nodes) or "loopback"
+        (an sshd on this machine). $REMOTEFIT_SANDBOX_NODES picks; `auto` takes containers where they can
+        run and says why not where they cannot."""
+        from remotefit import sandbox_machine
+
+        wanted = os.environ.get(NODES_ENV, "loopback").strip() or "loopback"
+        if wanted not in NODE_MODES:
+            raise UserError(f"{NODES_ENV}={wanted!r} is not one of {', '.join(NODE_MODES)}")
+        if wanted == "loopback":
+            return "loopback", f"{NODES_ENV}=loopback"
+        why_not = sandbox_machine.available()
+        if why_not is None:
+            return "container", "booted containers (systemd-nspawn)"
+        if wanted == "container":
+            raise UserError(f"{NODES_ENV}=container, but {why_not}; or set {NODES_ENV}=loopback")
+        return "loopback", f"fallback: {why_not}"
+
+    def caller_cidr(self) -> str:
+        """Where the laptop's ssh comes from, as a node sees it (the SSH rule's source)."""
+        if self.node_mode()[0] == "container":
+            from remotefit import sandbox_machine
+
+            return f"{sandbox_machine.gateway(sandbox_machine.bridge_network())}/32"
+        return "127.0.0.1/32"
 
     # -- the moto server ---------------------------------------------------------------
     def server(self) -> Server | None:
@@ -297,12 +325,18 @@ class Sandbox:
         region: str = "us-east-1",
         max_hours: float = 8.0,
         idle_minutes: int = 30,
+        ssh_user: str = "ubuntu",
     ) -> SandboxNode:
         """Give an instance a reachable sshd on loopback (idempotent for a live node), and start the
-        same watchdog user_data installs on AWS, with "shut down" meaning terminate this sandbox node."""
+        same watchdog user_data installs on AWS, with "shut down" meaning terminate this sandbox node.
+        In container mode the instance boots instead (sandbox_machine.start)."""
         existing = self.node(instance_id)
         if existing and existing.alive():
             return existing
+        if endpoint and self.node_mode()[0] == "container":
+            from remotefit import sandbox_machine
+
+            return sandbox_machine.start(self, instance_id, public_key, endpoint, region, ssh_user)
         if not Path(SSHD).exists():
             raise UserError(f"{SSHD} not found; the sandbox nodes need openssh-server: run scripts/bootstrap")
         d = self.nodes_dir / instance_id
@@ -421,13 +455,15 @@ class Sandbox:
         argv += ["--spot-poll", "5", "--imds-timeout", "0.5"]
         return spawn_daemon(argv, d / "spot.log").pid
 
-    def _start_imds(self, d: Path, instance_id: str, endpoint: str, region: str) -> tuple[int, int]:
+    def _start_imds(
+        self, d: Path, instance_id: str, endpoint: str, region: str, local_ipv4: str = "127.0.0.1"
+    ) -> tuple[int, int]:
         """The node's metadata service (remotefit.sandbox_imds), with what EC2 says of the instance."""
         import boto3
 
         from remotefit.sandbox_imds import FACTS, PORT_FILE
 
-        facts = {"instance_id": instance_id, "region": region, "local_ipv4": "127.0.0.1"}
+        facts = {"instance_id": instance_id, "region": region, "local_ipv4": local_ipv4}
         # The role's temporary keys: the sandbox's own (moto checks no signature; the account stays the same).
         facts |= {
             "access_key_id": SANDBOX_REGION_CREDENTIALS["AWS_ACCESS_KEY_ID"],
@@ -504,7 +540,9 @@ class Sandbox:
         ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name=region, **_boto_creds())
         ec2.terminate_instances(InstanceIds=[instance_id])
         node = self.node(instance_id)
-        if node:
+        if node and node.mode == "container":
+            self.stop_node(node)  # the machine powers off; its disk goes with the terminated instance
+        elif node:
             _stop_active_run(Path(node.workdir))
             stop_sshd(node.pid)
             (self.nodes_dir / instance_id / "node.json").unlink(missing_ok=True)
@@ -512,7 +550,16 @@ class Sandbox:
             if node.watchdog_pid and pid_alive(node.watchdog_pid, "watchdog"):
                 os.kill(node.watchdog_pid, signal.SIGTERM)  # the machine is "off": its watchdog too
 
-    def stop_node(self, node: SandboxNode) -> bool:
+    def stop_node(self, node: SandboxNode, keep_disk: bool = False) -> bool:
+        """Power a node off: with keep_disk (a stopped instance) its container's disk stays for a start."""
+        if node.mode == "container":
+            from remotefit import sandbox_machine
+
+            was = node.alive()
+            sandbox_machine.power_off(self.nodes_dir / node.instance_id, node.pid, "stop" if keep_disk else "terminate")
+            self._stop_helpers(node)
+            (self.nodes_dir / node.instance_id / "node.json").unlink(missing_ok=True)
+            return was
         if node.watchdog_pid:
             stop_pid(node.watchdog_pid, "watchdog", grace=3)
         self._stop_helpers(node)
@@ -521,6 +568,46 @@ class Sandbox:
         f = self.nodes_dir / node.instance_id / "node.json"
         f.unlink(missing_ok=True)
         return stopped
+
+    def status_lines(self) -> list[str]:
+        """`inv sandbox.status`: the server, the node mode, and each node (instance, address, state, uptime)."""
+        srv = self.server()
+        lines = [
+            f"moto server: {srv.endpoint} (pid {srv.pid})"
+            if srv
+            else "moto server: not running (`inv sandbox.up` restores its state and re-adopts live nodes)"
+        ]
+        try:
+            mode, why = self.node_mode()
+            lines.append(f"new nodes: {mode} ({why})")
+        except UserError as exc:
+            lines.append(f"new nodes: {exc.args[0]}")
+        rows = []
+        for n in self.nodes():
+            f = self.nodes_dir / n.instance_id / "node.json"
+            up = time.time() - f.stat().st_mtime if f.exists() else 0.0
+            state = "up" if n.alive() else "dead"
+            rows.append([n.instance_id, n.mode, f"{n.host}:{n.port}", state, f"{up / 60:.0f} min", str(n.pid)])
+        if rows:
+            from remotefit.table import table
+
+            lines += table(rows, ["instance", "mode", "ssh", "state", "uptime", "pid"])
+        else:
+            lines.append("no sandbox nodes running")
+        return lines
+
+    def console(self, instance_id: str, lines: int = 40) -> str:
+        """A node's boot log: a container's console (or its cloud-init log), a loopback node's boot log."""
+        d = self.nodes_dir / instance_id
+        if not d.is_dir():
+            known = ", ".join(p.name for p in sorted(self.nodes_dir.glob("i-*"))) or "none"
+            raise UserError(f"no sandbox node {instance_id!r}; known: {known}")
+        if (d / "machine.json").exists():
+            from remotefit.sandbox_machine import console_tail
+
+            return console_tail(d, lines)
+        log = d / "boot" / "boot.log"
+        return log.read_text(errors="replace") if log.exists() else "(no boot log)"
 
     def _forget_nodes(self) -> None:
         for n in self.nodes():
@@ -538,8 +625,12 @@ class SandboxNode:
     imds_pid: int | None = None  # its metadata service (sandbox_imds)
     imds_port: int | None = None
     spot_pid: int | None = None  # its spot-notice poller (watchdog.py --spot-poll)
+    mode: str = "loopback"  # or "container": pid is its sandbox_machine supervisor, host its bridge IP
+    host: str = "127.0.0.1"
 
     def alive(self) -> bool:
+        if self.mode == "container":
+            return pid_alive(self.pid, "sandbox_machine") and _port_open(self.port, self.host)
         return pid_alive(self.pid, "sshd") and _port_open(self.port)
 
 
@@ -600,10 +691,10 @@ def _user() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 def replay(recording: Path, endpoint: str) -> int:

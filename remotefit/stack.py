@@ -48,6 +48,9 @@ def check(ws: Workspace | None, offline: bool, terraform_binary: str = "terrafor
         ident = ws.caller_identity()
         where = f" (sandbox at {ws.endpoint})" if ws.endpoint else ""
         print(f"\ncredentials: account {ident['Account']} as {ident['Arn']}{where}")
+        if ws.endpoint:
+            mode, why = ws.sandbox.node_mode()
+            print(f"sandbox nodes: {mode} ({why})")
     return ok
 
 

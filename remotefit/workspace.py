@@ -24,7 +24,6 @@ from remotefit.sandbox import SANDBOX_REGION_CREDENTIALS, Sandbox
 if TYPE_CHECKING:
     from remotefit.ami import AmiResolver
 
-LOOPBACK_CIDR = "127.0.0.1/32"
 # Set to a file path to append one JSON line per AWS call made through `Workspace.client` (service,
 # operation, the parameters that name resources): the IAM policy coverage test reads it.
 CALL_LOG_ENV = "REMOTEFIT_AWS_CALL_LOG"
@@ -179,7 +178,8 @@ class Workspace:
         if override:
             return check_cidr(override, i_know)
         if self.endpoint:
-            return LOOPBACK_CIDR  # sandbox nodes listen on loopback
+            # Loopback nodes see us at 127.0.0.1; container nodes at the bridge's gateway (the VPC router).
+            return self.sandbox.caller_cidr()
         if self._public_cidr:
             return self._public_cidr  # looked up once per Workspace
         import urllib.request
@@ -237,15 +237,19 @@ class Workspace:
             region=self.settings.AWS_REGION,
             max_hours=float(node_vars.get("max_hours", self.defaults.max_hours)),
             idle_minutes=int(node_vars.get("idle_minutes", self.defaults.idle_minutes)),
+            ssh_user=ssh_user,
         )
-        return Reach("127.0.0.1", node.port, node.user, node.workdir, private_host="127.0.0.1", python=sys.executable)
+        # A loopback node runs jobs with this machine's Python; a container node has its own, as on EC2.
+        python = None if node.mode == "container" else sys.executable
+        return Reach(node.host, node.port, node.user, node.workdir, private_host=node.host, python=python)
 
-    def forget_unreached(self, keep: set[str]) -> None:
-        """Stop sandbox sshd nodes whose instance is no longer ours (scaled down or destroyed)."""
+    def forget_unreached(self, keep: set[str], keep_disks: bool = False) -> None:
+        """Stop sandbox nodes whose instance is no longer ours (scaled down or destroyed), or whose instance
+        was stopped (keep_disks: a container node's disk stays for `inv start`)."""
         if self.settings.is_sandbox:
             for node in self.sandbox.nodes():
                 if node.instance_id not in keep:
-                    self.sandbox.stop_node(node)
+                    self.sandbox.stop_node(node, keep_disk=keep_disks)
 
     def ami_resolver(self) -> AmiResolver:
         from remotefit.ami import ImageListResolver, SsmAmiResolver

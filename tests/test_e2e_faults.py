@@ -308,8 +308,8 @@ def test_moto_killed_mid_session_state_and_nodes_come_back(cluster: Project, tmp
         time.sleep(0.05)
     # A read-only command changes nothing: the node and its job live on.
     st = cluster.inv("sandbox.status", timeout=60)
-    node_line = next(x for x in st.stdout.splitlines() if x.startswith(f"node {instance}:"))
-    assert "moto server: not running" in st.stdout and node_line.endswith(", up)"), st.stdout
+    node_line = next(x for x in st.stdout.splitlines() if x.startswith(f"{instance} "))
+    assert "moto server: not running" in st.stdout and " up " in node_line, st.stdout
     assert (Path(workdir(cluster)) / "active.json").exists()  # the job still runs
     up = cluster.inv("sandbox.up", timeout=300)
     assert "restored the previous server's state" in up.stderr and instance in up.stderr, up.stderr

@@ -134,7 +134,7 @@ def stop(ws: Workspace) -> list[str]:
     ws.client("ec2").stop_instances(InstanceIds=[n.instance_id for n in nodes])
     for n in nodes:
         run(ssh_close_argv(ws.paths.ssh_config, n.alias), capture=True, check=False)
-    ws.forget_unreached(set())
+    ws.forget_unreached(set(), keep_disks=True)
     saved = load_node_vars(ws) or {}
     return [
         f"stopped {len(nodes)} node(s); compute billing stops",

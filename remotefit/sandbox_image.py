@@ -1,0 +1,221 @@
+"""The sandbox's node image: a Debian root filesystem that plays the role of the CPU AMI.
+
+Built once per machine with debootstrap from Debian's packages and cached outside the clone
+(``$REMOTEFIT_CACHE`` or ``~/.cache/remotefit``), in a folder named for the recipe's hash, so a changed
+recipe builds a new image and an old one is never half-reused. What a stock Ubuntu cloud image has and our
+user data relies on is in it: systemd, openssh-server, python3 (no venv, no pip, no `python`, as on
+Ubuntu), cloud-init with the NoCloud datasource, sudo, ca-certificates. Nodes have no route out, so what
+the boot script installs comes from a local apt repository baked into the image (the .debs of
+python3-venv, python3-pip and python-is-python3), and pip reads a wheelhouse on this machine that each
+node mounts read-only (`wheelhouse`): the real apt and pip steps run, offline.
+
+Each node boots a copy-on-write overlay of this folder (sandbox_machine.py); the image is never written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from remotefit.errors import UserError
+
+SUITE = "bookworm"
+MIRROR_ENV = "REMOTEFIT_DEBIAN_MIRROR"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+# debootstrap resolves no virtual packages (cloud-init's python3-cryptography needs one): cloud-init goes in
+# with apt-get afterwards.
+BASE_PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "python3",
+    "ca-certificates",
+    "sudo",
+    "iproute2",
+    "procps",
+    "apt-utils",
+    "rsync",  # what a stock Ubuntu cloud image has and the laptop's sync relies on
+    "curl",
+)
+APT_PACKAGES = ("cloud-init", "locales")
+# What templates/user_data.sh.tftpl installs on a stock image: kept as .debs in the image's local repo.
+BOOT_PACKAGES = ("python3-venv", "python3-pip", "python-is-python3")
+LOCAL_REPO = "/opt/remotefit-apt"
+WHEELS_MOUNT = "/opt/remotefit-wheels"  # where each node sees the wheelhouse (read-only)
+# What the node's cloud-init does differently from Debian's defaults: the NoCloud seed only, no network
+# config of its own (the sandbox gives the address, as EC2's DHCP does), Ubuntu's default user, the host
+# key the sandbox keeps per instance (so `accept-new` holds across a restart), names that resolve.
+CLOUD_CFG = """\
+# remotefit sandbox image: how this cloud-init differs from Debian's defaults
+datasource_list: [ NoCloud, None ]
+network: {config: disabled}
+manage_etc_hosts: localhost
+locale: C.UTF-8
+ssh_deletekeys: false
+ssh_genkeytypes: []
+system_info:
+  default_user:
+    name: ubuntu
+    lock_passwd: true
+    gecos: Ubuntu
+    groups: [adm, sudo]
+    sudo: ["ALL=(ALL) NOPASSWD:ALL"]
+    shell: /bin/bash
+"""
+# pip on the nodes: the wheelhouse only (global config, so neither the boot script's /etc/pip.conf nor a
+# job's venv sends pip to the internet it cannot reach).
+PIP_CONF = f"[global]\nno-index = true\nfind-links = {WHEELS_MOUNT}\n"
+# The node-side tools' venv (user data: boto3==<pin>); the pin lives in templates/main.tf.j2.
+WHEELHOUSE_REQUIREMENTS = ("boto3==1.44.8",)
+CHROOT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C",
+    "DEBIAN_FRONTEND": "noninteractive",
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("REMOTEFIT_CACHE") or Path.home() / ".cache" / "remotefit")
+
+
+def recipe() -> dict[str, object]:
+    return {
+        "suite": SUITE,
+        "base": BASE_PACKAGES,
+        "apt": APT_PACKAGES,
+        "boot": BOOT_PACKAGES,
+        "cloud_cfg": CLOUD_CFG,
+        "pip": PIP_CONF,
+        "version": 1,  # bump when the build steps change
+    }
+
+
+def recipe_key() -> str:
+    return hashlib.sha256(json.dumps(recipe(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def image_dir(cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "images" / f"debian-{SUITE}-cpu-{recipe_key()}"
+
+
+def build_log(cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "images" / f"debian-{SUITE}-cpu-{recipe_key()}.log"
+
+
+def ready(cache: Path | None = None) -> bool:
+    return (image_dir(cache) / ".remotefit-image").exists()
+
+
+def debootstrap_argv(target: Path, mirror: str) -> list[str]:
+    return ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE, str(target), mirror]
+
+
+def chroot_argv(root: Path, *argv: str) -> list[str]:
+    """argv run in the root with its own /proc, in private mount and pid namespaces (nothing stays mounted)."""
+    return ["unshare", "--mount", "--pid", "--fork", f"--mount-proc={root}/proc", "chroot", str(root), *argv]
+
+
+def build_steps(root: Path, mirror: str) -> list[tuple[str, list[str]]]:
+    """The build, as (what, argv) in order; the files written between steps are in `_configure`."""
+    repo = f"{root}{LOCAL_REPO}"
+    apt = ["apt-get", "-q", "-y", "--no-install-recommends"]
+    return [
+        ("debootstrap", debootstrap_argv(root, mirror)),
+        ("apt-get update", chroot_argv(root, "apt-get", "-q", "update")),
+        (f"installing {' '.join(APT_PACKAGES)}", chroot_argv(root, *apt, "install", *APT_PACKAGES)),
+        ("apt-get clean", chroot_argv(root, "apt-get", "clean")),
+        (f"downloading {' '.join(BOOT_PACKAGES)}", chroot_argv(root, *apt, "install", "-d", *BOOT_PACKAGES)),
+        (
+            "local apt repository",
+            ["sh", "-c", f'mkdir -p "{repo}" && mv "{root}"/var/cache/apt/archives/*.deb "{repo}"/'],
+        ),
+        ("indexing it", chroot_argv(root, "sh", "-c", f"cd {LOCAL_REPO} && apt-ftparchive packages . > Packages")),
+    ]
+
+
+def _configure(root: Path) -> None:
+    """Files that make the root an image: cloud-init's config, apt on the local repo, pip on the wheelhouse,
+    no host keys of its own (each node gets the one the sandbox keeps for its instance)."""
+    (root / "etc/cloud/cloud.cfg.d/90-remotefit-sandbox.cfg").write_text(CLOUD_CFG)
+    (root / "etc/apt/sources.list").write_text(f"deb [trusted=yes] file:{LOCAL_REPO} ./\n")
+    for stale in (root / "etc/apt/sources.list.d").glob("*"):
+        stale.unlink()
+    shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
+    (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+    (root / "etc/xdg/pip").mkdir(parents=True, exist_ok=True)
+    (root / "etc/xdg/pip/pip.conf").write_text(PIP_CONF)
+    (root / WHEELS_MOUNT.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    # No network to sync the clock from, nor to fetch updates from: off, as they only fail.
+    for unit in ("apt-daily.timer", "apt-daily-upgrade.timer"):
+        link = root / "etc/systemd/system" / unit
+        link.unlink(missing_ok=True)
+        link.symlink_to("/dev/null")
+    (root / "etc/machine-id").write_text("")  # systemd makes one per boot, as on a fresh instance
+
+
+def ensure_image(cache: Path | None = None, echo: bool = True) -> Path:
+    """The cached image, built first if missing (a lock keeps two builders apart). A failed build is
+    one line with its log's path; nothing half-built is ever used."""
+    img = image_dir(cache)
+    img.parent.mkdir(parents=True, exist_ok=True)
+    with open(img.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ready(cache):
+            return img
+        if shutil.which("debootstrap") is None:
+            raise UserError("debootstrap not found: the sandbox's node image needs it (apt-get install debootstrap)")
+        log = build_log(cache)
+        tmp = img.with_name(img.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        mirror = os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR
+        t0 = time.monotonic()
+        if echo:
+            print(f"sandbox: building the node image (once per machine, ~1-2 min; log: {log})", flush=True)
+        with log.open("w") as fh:
+            for what, argv in build_steps(tmp, mirror):
+                fh.write(f"== {what}: {' '.join(argv)}\n")
+                fh.flush()
+                res = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=CHROOT_ENV, timeout=1800)  # noqa: S603
+                if res.returncode != 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise UserError(
+                        f"the sandbox node image failed to build at '{what}' (exit {res.returncode}); "
+                        f"see {log}; set {MIRROR_ENV} to a reachable Debian mirror, or use loopback nodes "
+                        "(REMOTEFIT_SANDBOX_NODES=loopback)"
+                    )
+            _configure(tmp)
+            (tmp / ".remotefit-image").write_text(json.dumps({"recipe": recipe(), "built_in_s": time.monotonic() - t0}))
+            fh.write(f"== built in {time.monotonic() - t0:.0f} s\n")
+        os.rename(tmp, img)
+        return img
+
+
+def wheelhouse(cache: Path | None = None) -> Path:
+    """Wheels the nodes install from (read-only at WHEELS_MOUNT): the tool venv's boto3, fetched once from
+    this machine's package index; plus every wheel a test job needs, copied in by `add_wheels`."""
+    house = (cache or cache_dir()) / "wheelhouse"
+    house.mkdir(parents=True, exist_ok=True)
+    stamp = house / (".downloaded-" + hashlib.sha256(" ".join(WHEELHOUSE_REQUIREMENTS).encode()).hexdigest()[:12])
+    if stamp.exists():
+        return house
+    argv = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--only-binary=:all:"]
+    argv += ["-d", str(house), *WHEELHOUSE_REQUIREMENTS]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=600)  # noqa: S603
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(
+            f"could not fill the sandbox's wheelhouse {house} ({' '.join(WHEELHOUSE_REQUIREMENTS)}): {last}"
+        )
+    stamp.write_text("")
+    return house

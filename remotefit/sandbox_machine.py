@@ -1,0 +1,569 @@
+"""Container sandbox nodes: each EC2 instance Terraform creates boots as a systemd-nspawn container.
+
+Its root disk is a copy-on-write overlay of the node image (sandbox_image.py) kept in the node's folder,
+deleted when the instance terminates (EBS with delete-on-termination) and kept when it stops. It gets the
+private IP moto gave the instance on a bridge the sandbox makes (the VPC's range, gateway at .1 as the
+VPC router), boots systemd, and cloud-init's NoCloud datasource runs the instance's real user data from
+moto, with our public key authorised for `ubuntu`, as on EC2.
+
+Inside the node's own network namespace (never on this machine's interfaces) 169.254.169.254:80 is the
+node's metadata service (sandbox_imds, IMDSv2), and 127.0.0.1:<moto port> reaches the moto server, so the
+uploader's endpoint works unchanged. A supervisor process per node (``python -m remotefit.sandbox_machine
+--dir D``) runs the container, holds those forwards, and when the container powers off (deadline, idle,
+`shutdown -h now`) does what EC2 does: the instance's shutdown behaviour (terminate: instance terminated
+in moto and disk deleted; stop: stopped, disk kept). `inv stop` / `inv destroy` power it off from outside
+and say which of the two it is (the stop-reason file).
+
+Needs root, systemd-nspawn and overlayfs; `available()` says why not, and the sandbox then uses loopback
+nodes and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from remotefit.errors import UserError
+
+if TYPE_CHECKING:
+    from remotefit.sandbox import Sandbox, SandboxNode
+
+NSPAWN = "systemd-nspawn"
+BRIDGE_PREFIX = "rfsb-"  # + a hash of its range: sandboxes on different ranges get different bridges
+BRIDGE_CIDR_ENV = "REMOTEFIT_SANDBOX_BRIDGE_CIDR"
+DEFAULT_BRIDGE_CIDR = "172.31.0.0/16"  # moto's default VPC: the node's IP is the private IP moto reports
+BOOT_TIMEOUT_ENV = "REMOTEFIT_SANDBOX_BOOT_TIMEOUT"
+DEFAULT_BOOT_TIMEOUT = 60.0
+IMDS_ADDR = "169.254.169.254"
+MACHINE = "machine.json"
+STOP_REASON = "stop-reason"  # written by the sandbox before it powers a node off: "stop" keeps the disk
+EXIT = "exit.json"
+CLONE_NEWNET = 0x40000000
+REBOOT_RC = 133  # systemd-nspawn's exit status when the container rebooted
+
+
+def available() -> str | None:
+    """None when container nodes can run here, else why not (one line)."""
+    if os.geteuid() != 0:
+        return "container nodes need root (systemd-nspawn, overlayfs, a bridge)"
+    if shutil.which(NSPAWN) is None:
+        return f"{NSPAWN} not found (apt-get install systemd-container)"
+    if shutil.which("debootstrap") is None:
+        return "debootstrap not found (apt-get install debootstrap)"
+    try:
+        if "overlay" not in Path("/proc/filesystems").read_text():
+            return "this kernel has no overlayfs"
+    except OSError:
+        return "no /proc/filesystems"
+    return None
+
+
+# -- pure builders ---------------------------------------------------------------------------
+def bridge_network() -> ipaddress.IPv4Network:
+    raw = os.environ.get(BRIDGE_CIDR_ENV) or DEFAULT_BRIDGE_CIDR
+    try:
+        net = ipaddress.IPv4Network(raw, strict=False)
+    except ValueError:
+        raise UserError(f"{BRIDGE_CIDR_ENV}={raw!r} is not an IPv4 range; use e.g. 10.213.0.0/16") from None
+    if not net.is_private or net.prefixlen > 24:
+        raise UserError(f"{BRIDGE_CIDR_ENV}={raw}: use a private range of /24 or larger, e.g. 10.213.0.0/16")
+    return net
+
+
+def bridge_name(net: ipaddress.IPv4Network) -> str:
+    import hashlib
+
+    return BRIDGE_PREFIX + hashlib.sha256(str(net).encode()).hexdigest()[:8]  # 13 characters: IFNAMSIZ is 16
+
+
+def gateway(net: ipaddress.IPv4Network) -> str:
+    return str(net.network_address + 1)  # the VPC router's address
+
+
+def node_ip(private_ip: str, net: ipaddress.IPv4Network) -> str:
+    """The node's address on the bridge: moto's private IP when the bridge holds it (the default), else
+    the same host part in the bridge's range."""
+    ip = ipaddress.IPv4Address(private_ip)
+    if ip in net and ip not in (net.network_address, net.broadcast_address, net.network_address + 1):
+        return str(ip)
+    host = int(ip) & int(net.hostmask)
+    host = min(max(host, 2), net.num_addresses - 2)
+    return str(net.network_address + host)
+
+
+def overlap(net: ipaddress.IPv4Network, addresses: Sequence[tuple[str, str]]) -> str | None:
+    """The first (interface, cidr) of this machine that overlaps the bridge range, other than the bridge's own."""
+    for ifname, cidr in addresses:
+        if ifname == bridge_name(net):
+            continue
+        try:
+            other = ipaddress.IPv4Network(cidr, strict=False)
+        except ValueError:
+            continue
+        if other.overlaps(net):
+            return f"{cidr} on {ifname}"
+    return None
+
+
+def nspawn_argv(cfg: dict[str, Any]) -> list[str]:
+    return [
+        NSPAWN,
+        "--boot",
+        "--register=no",  # this machine may have no systemd to register with
+        "--keep-unit",
+        f"--directory={cfg['root']}",
+        f"--machine={cfg['instance_id']}",
+        f"--network-bridge={cfg['bridge']}",
+        "--console=passive",
+        f"--bind-ro={cfg['wheelhouse']}:{cfg['wheels_mount']}",
+        "--",
+        "systemd.show_status=true",
+    ]
+
+
+def overlay_argv(image: str, disk: Path, root: Path) -> list[str]:
+    opts = f"lowerdir={image},upperdir={disk / 'upper'},workdir={disk / 'work'}"
+    return ["mount", "-t", "overlay", "overlay", "-o", opts, str(root)]
+
+
+def netns_argv(leader: int, *ip_args: str) -> list[str]:
+    return ["nsenter", "-t", str(leader), "-n", "ip", *ip_args]
+
+
+def seed_files(instance_id: str, hostname: str, public_key: str, user_data: str) -> dict[str, str]:
+    """The NoCloud seed: what EC2's metadata gives cloud-init (instance id, hostname, key pair, user data)."""
+    meta = f"instance-id: {instance_id}\nlocal-hostname: {hostname}\npublic-keys:\n  - {public_key.strip()}\n"
+    return {"meta-data": meta, "user-data": user_data}
+
+
+# -- on the laptop side: start, stop, look at ---------------------------------------------------
+def host_addresses() -> list[tuple[str, str]]:
+    from remotefit.proc import run
+
+    out = run(["ip", "-j", "-4", "addr"], capture=True).stdout
+    rows = [(i["ifname"], f"{a['local']}/{a['prefixlen']}") for i in json.loads(out) for a in i.get("addr_info", [])]
+    routes = json.loads(run(["ip", "-j", "-4", "route"], capture=True).stdout)
+    rows += [(r.get("dev", "?"), r["dst"]) for r in routes if r.get("dst") not in (None, "default")]
+    return rows
+
+
+def ensure_bridge(net: ipaddress.IPv4Network) -> str:
+    """The sandbox's bridge with the VPC router's address (made once; a range in use here is refused)."""
+    from remotefit.proc import run
+
+    gw = f"{gateway(net)}/{net.prefixlen}"
+    name = bridge_name(net)
+    addrs = host_addresses()
+    if (name, gw) in addrs:
+        return name
+    clash = overlap(net, addrs)
+    if clash:
+        raise UserError(
+            f"the sandbox's node network {net} is already in use on this machine ({clash}); set "
+            f"{BRIDGE_CIDR_ENV} to a free private range, e.g. 10.213.0.0/16"
+        )
+    if (
+        not any(ifname == name for ifname, _ in addrs)
+        and run(["ip", "link", "show", name], capture=True, check=False).returncode
+    ):
+        run(["ip", "link", "add", name, "type", "bridge"])
+    run(["ip", "addr", "flush", "dev", name])
+    run(["ip", "addr", "add", gw, "dev", name])
+    run(["ip", "link", "set", name, "up"])
+    return name
+
+
+def describe(endpoint: str, region: str, instance_id: str) -> tuple[str, bytes]:
+    """(private IP, user data) of the instance as moto holds them."""
+    import base64
+
+    import boto3
+
+    from remotefit.sandbox import SANDBOX_REGION_CREDENTIALS
+
+    ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name=region, **_creds(SANDBOX_REGION_CREDENTIALS))
+    inst = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+    attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+    raw = attr.get("UserData", {}).get("Value", "")
+    return inst.get("PrivateIpAddress", ""), base64.b64decode(raw) if raw else b""
+
+
+def console_tail(d: Path, lines: int = 15) -> str:
+    """The node's console (nspawn's output: the spawn and the power-off), then what cloud-init printed on it
+    (/var/log/cloud-init-output.log on the node's disk), the last `lines` of each."""
+    out = []
+    for path in (d / "console.log", d / "disk/upper/var/log/cloud-init-output.log"):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        out += [ln for ln in text.splitlines() if ln.strip()][-lines:]
+    return "\n".join(out) or "(no console output)"
+
+
+def _answers(host: str) -> bool:
+    try:
+        with socket.create_connection((host, 22), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+def wait_ssh(host: str, pid: int, timeout: float) -> bool:
+    from remotefit.sandbox import pid_alive
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and pid_alive(pid, "sandbox_machine"):
+        try:
+            with socket.create_connection((host, 22), timeout=0.5) as s:
+                if s.recv(4).startswith(b"SSH-"):
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def power_off(d: Path, pid: int, reason: str, grace: float = 30) -> None:
+    """Power a node off from outside; `reason` "stop" keeps its disk, anything else deletes it."""
+    from remotefit.sandbox import pid_alive
+
+    _write(d / STOP_REASON, reason)
+    if pid_alive(pid, "sandbox_machine"):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while pid_alive(pid, "sandbox_machine") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(pid, "sandbox_machine"):
+            os.killpg(pid, signal.SIGKILL)
+    if (d / STOP_REASON).exists():  # the supervisor did not finish: do its part
+        root = d / "root"
+        if os.path.ismount(root):
+            subprocess.run(["umount", "-l", str(root)], check=False)  # noqa: S603, S607
+        if reason != "stop":
+            shutil.rmtree(d / "disk", ignore_errors=True)
+        (d / STOP_REASON).unlink(missing_ok=True)
+
+
+def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region: str, ssh_user: str) -> SandboxNode:
+    """Boot the instance as a container (its kept disk, if it was stopped) and wait for its sshd; a node
+    that does not boot in time is powered off and its disk deleted, and the error shows its console."""
+    from urllib.parse import urlparse
+
+    from remotefit import sandbox_image
+    from remotefit.proc import atomic_write, run, spawn_daemon
+    from remotefit.sandbox import SandboxNode
+
+    image = sandbox_image.ensure_image()
+    house = sandbox_image.wheelhouse()
+    net = bridge_network()
+    bridge = ensure_bridge(net)
+    private_ip, user_data = describe(endpoint, region, instance_id)
+    ip = node_ip(private_ip or str(net.network_address + 10), net)
+    if _answers(ip):  # moto's IDs and addresses are seeded: another project's sandbox may hold this one
+        raise UserError(
+            f"address {ip} for {instance_id} is already taken by another sandbox node on this machine (another "
+            f"project's sandbox?): `inv sandbox.down` there, or give this project its own range with {BRIDGE_CIDR_ENV}"
+        )
+    d = sb.nodes_dir / instance_id
+    (d / "seed").mkdir(parents=True, exist_ok=True)
+    host_key = d / "ssh_host_ed25519_key"
+    if not host_key.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"sandbox-{instance_id}", "-f", str(host_key)])
+    hostname = "ip-" + ip.replace(".", "-")
+    meta = seed_files(instance_id, hostname, public_key, "")
+    atomic_write(d / "seed" / "meta-data", meta["meta-data"])
+    (d / "seed" / "user-data").write_bytes(user_data)  # as moto holds it (gzip: cloud-init unpacks it)
+    imds_pid, imds_port = sb._start_imds(d, instance_id, endpoint, region, local_ipv4=ip)
+    moto_port = urlparse(endpoint).port or 80
+    cfg = {
+        "instance_id": instance_id,
+        "dir": str(d),
+        "sandbox_dir": str(sb.dir),
+        "image": str(image),
+        "disk": str(d / "disk"),
+        "root": str(d / "root"),
+        "ip": ip,
+        "prefix": net.prefixlen,
+        "bridge": bridge,
+        "host_key": str(host_key),
+        "wheelhouse": str(house),
+        "wheels_mount": sandbox_image.WHEELS_MOUNT,
+        # Inside the node: its metadata service at the link-local address, and moto at the endpoint the
+        # laptop hands to node-side tools (AWS_ENDPOINT_URL).
+        "forwards": [[IMDS_ADDR, 80, "127.0.0.1", imds_port], ["127.0.0.1", moto_port, "127.0.0.1", moto_port]],
+        "endpoint": endpoint,
+        "region": region,
+    }
+    atomic_write(d / MACHINE, json.dumps(cfg))
+    for stale in (EXIT, STOP_REASON, "leader"):
+        (d / stale).unlink(missing_ok=True)
+    (d / "console.log").unlink(missing_ok=True)
+    t0 = time.monotonic()
+    proc = spawn_daemon(
+        [sys.executable, "-m", "remotefit.sandbox_machine", "--dir", str(d)],
+        d / "machine.log",
+        env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    node = SandboxNode(
+        instance_id=instance_id,
+        port=22,
+        pid=proc.pid,
+        user=ssh_user,
+        workdir=f"/home/{ssh_user}/remotefit",
+        imds_pid=imds_pid,
+        imds_port=imds_port,
+        mode="container",
+        host=ip,
+    )
+    atomic_write(d / "node.json", json.dumps(asdict(node)))
+    timeout = float(os.environ.get(BOOT_TIMEOUT_ENV) or DEFAULT_BOOT_TIMEOUT)
+    if not wait_ssh(ip, proc.pid, timeout):
+        tail = console_tail(d)
+        sb.stop_node(node)
+        from remotefit.proc import echo
+
+        echo(
+            f"sandbox node {instance_id}: its console's last lines:\n"
+            + "\n".join(f"  | {ln}" for ln in tail.splitlines())
+        )
+        raise UserError(
+            f"sandbox node {instance_id} ({ip}) did not boot to SSH within {timeout:g} s (its console is above; "
+            f"{BOOT_TIMEOUT_ENV} sets the limit); it was powered off, and `inv destroy` removes the rest"
+        )
+    from remotefit.proc import echo
+
+    echo(f"sandbox: {instance_id} booted to SSH at {ip} in {time.monotonic() - t0:.1f} s (container)")
+    return node
+
+
+# -- the supervisor (runs as its own daemon per node) ----------------------------------------
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _pipe(a: socket.socket, b: socket.socket) -> None:
+    try:
+        while chunk := a.recv(65536):
+            b.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+def _serve(listener: socket.socket, to: tuple[str, int]) -> None:
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        try:
+            up = socket.create_connection(to, timeout=10)
+            up.settimeout(None)
+        except OSError:
+            conn.close()
+            continue
+        threading.Thread(target=_pipe, args=(conn, up), daemon=True).start()
+        threading.Thread(target=_pipe, args=(up, conn), daemon=True).start()
+
+
+def _bind_in(leader: int, forwards: Sequence[Sequence[Any]]) -> list[socket.socket]:
+    """Listeners inside the node's network namespace; the connections they forward leave from this
+    machine's (a socket keeps the namespace it was made in)."""
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    node = os.open(f"/proc/{leader}/ns/net", os.O_RDONLY)
+    listeners = []
+    try:
+        _setns(node)
+        for host, port, *_ in forwards:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, int(port)))
+            s.listen(64)
+            listeners.append(s)
+    finally:
+        _setns(own)
+        os.close(own)
+        os.close(node)
+    return listeners
+
+
+def _leader(nspawn_pid: int, timeout: float = 20) -> int:
+    """The container's PID 1 as this machine sees it: nspawn's child in another network namespace."""
+    own = os.readlink("/proc/self/ns/net")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            kids = Path(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children").read_text().split()
+        except OSError:
+            kids = []
+        for kid in kids:
+            try:
+                if os.readlink(f"/proc/{kid}/ns/net") != own:
+                    return int(kid)
+            except OSError:
+                continue
+        time.sleep(0.02)
+    raise RuntimeError("the container's init did not start")
+
+
+def _prepare_disk(cfg: dict[str, Any]) -> None:
+    root, disk = Path(cfg["root"]), Path(cfg["disk"])
+    for sub in ("upper", "work"):
+        (disk / sub).mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    if not os.path.ismount(root):
+        subprocess.run(overlay_argv(cfg["image"], disk, root), check=True)  # noqa: S603
+    seed = root / "var/lib/cloud/seed/nocloud"
+    seed.mkdir(parents=True, exist_ok=True)
+    for name in ("meta-data", "user-data"):
+        shutil.copyfile(Path(cfg["dir"]) / "seed" / name, seed / name)
+    key = Path(cfg["host_key"])
+    for src, dst in ((key, "ssh_host_ed25519_key"), (key.with_suffix(".pub"), "ssh_host_ed25519_key.pub")):
+        shutil.copyfile(src, root / "etc/ssh" / dst)
+    os.chmod(root / "etc/ssh/ssh_host_ed25519_key", 0o600)
+
+
+def _configure_net(leader: int, cfg: dict[str, Any]) -> None:
+    for args in (
+        ("link", "set", "lo", "up"),
+        ("addr", "add", f"{IMDS_ADDR}/32", "dev", "lo"),  # the metadata address, in the node's namespace only
+        ("addr", "add", f"{cfg['ip']}/{cfg['prefix']}", "dev", "host0"),
+        ("link", "set", "host0", "up"),
+    ):
+        subprocess.run(netns_argv(leader, *args), check=True, capture_output=True)  # noqa: S603
+
+
+def _boot_once(cfg: dict[str, Any], console: Any, stopping: threading.Event, holder: dict[str, Any]) -> int:
+    _prepare_disk(cfg)
+    proc = subprocess.Popen(nspawn_argv(cfg), stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # noqa: S603
+    holder["proc"] = proc
+    listeners: list[socket.socket] = []
+    try:
+        leader = _leader(proc.pid)
+        _configure_net(leader, cfg)
+        listeners = _bind_in(leader, cfg["forwards"])
+        for s, (_h, _p, to_host, to_port) in zip(listeners, cfg["forwards"], strict=True):
+            threading.Thread(target=_serve, args=(s, (to_host, int(to_port))), daemon=True).start()
+        _write(Path(cfg["dir"]) / "leader", str(leader))
+    except Exception as exc:  # noqa: BLE001 - a node that cannot be wired is powered off, not left half-up
+        console.write(f"sandbox_machine: {exc}\n".encode())
+        console.flush()
+        proc.terminate()
+    if stopping.is_set():
+        proc.terminate()
+    rc = proc.wait()
+    for s in listeners:
+        s.close()
+    return rc
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _finish(cfg: dict[str, Any], rc: int) -> None:
+    """The machine is off: unmount its disk, then what EC2 does for the cause (see the module docstring)."""
+    d = Path(cfg["dir"])
+    root = Path(cfg["root"])
+    if os.path.ismount(root):
+        subprocess.run(["umount", "-l", str(root)], check=False)  # noqa: S603, S607
+    reason = (d / STOP_REASON).read_text().strip() if (d / STOP_REASON).exists() else ""
+    (d / STOP_REASON).unlink(missing_ok=True)
+    outcome = "stopped" if reason == "stop" else "terminated"
+    note = reason or "powered off from inside"
+    if not reason:
+        outcome = _apply_shutdown_behaviour(cfg)
+    if outcome == "terminated":
+        shutil.rmtree(cfg["disk"], ignore_errors=True)  # delete on termination
+    _write(d / EXIT, json.dumps({"at": time.time(), "rc": rc, "cause": note, "instance": outcome}))
+    from remotefit.sandbox import Sandbox  # the node's helpers (metadata service) go with the machine
+
+    sb = Sandbox(Path(cfg["sandbox_dir"]))
+    node = sb.node(cfg["instance_id"])
+    if node is not None:
+        sb._stop_helpers(node)
+        (d / "node.json").unlink(missing_ok=True)
+
+
+def _apply_shutdown_behaviour(cfg: dict[str, Any]) -> str:
+    """A node that powered itself off: its instance's shutdown behaviour decides, as on EC2."""
+    import boto3
+
+    from remotefit.sandbox import SANDBOX_REGION_CREDENTIALS
+
+    ec2 = boto3.client(
+        "ec2", endpoint_url=cfg["endpoint"], region_name=cfg["region"], **_creds(SANDBOX_REGION_CREDENTIALS)
+    )
+    iid = cfg["instance_id"]
+    try:
+        attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")
+        behaviour = attr.get("InstanceInitiatedShutdownBehavior", {}).get("Value", "stop")
+    except Exception:  # noqa: BLE001 - moto gone: the sandbox is going down, the disk with it
+        return "terminated"
+    if behaviour == "terminate":
+        ec2.terminate_instances(InstanceIds=[iid])
+        return "terminated"
+    ec2.stop_instances(InstanceIds=[iid])
+    return "stopped"
+
+
+def _creds(c: dict[str, str]) -> dict[str, str]:
+    return {"aws_access_key_id": c["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": c["AWS_SECRET_ACCESS_KEY"]}
+
+
+def supervise(d: Path) -> int:
+    cfg = json.loads((d / MACHINE).read_text())
+    stopping = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def on_term(_sig: int, _frame: object) -> None:
+        stopping.set()
+        proc = holder.get("proc")
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # nspawn turns SIGTERM into the container's orderly shutdown
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    with (d / "console.log").open("ab") as console:
+        while True:
+            rc = _boot_once(cfg, console, stopping, holder)
+            if rc == REBOOT_RC and not stopping.is_set():
+                continue  # a reboot: the same disk boots again
+            break
+    _finish(cfg, rc)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m remotefit.sandbox_machine", description="Run one container node.")
+    p.add_argument("--dir", required=True, help="the node's folder (holds machine.json)")
+    args = p.parse_args(argv)
+    return supervise(Path(args.dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
