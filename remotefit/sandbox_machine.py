@@ -260,15 +260,69 @@ def power_off(d: Path, pid: int, reason: str, grace: float = 30) -> None:
         (d / STOP_REASON).unlink(missing_ok=True)
 
 
-def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region: str, ssh_user: str) -> SandboxNode:
-    """Boot the instance as a container (its kept disk, if it was stopped) and wait for its sshd; a node
-    that does not boot in time is powered off and its disk deleted, and the error shows its console."""
+def machine_config(
+    d: Path,
+    sandbox_dir: Path,
+    instance_id: str,
+    ip: str,
+    net: ipaddress.IPv4Network,
+    bridge: str,
+    image: str,
+    wheelhouse: str,
+    endpoint: str,
+    region: str,
+) -> dict[str, Any]:
+    """machine.json: all the supervisor needs (forwards[0]'s target port is the node's IMDS, set once it runs)."""
     from urllib.parse import urlparse
 
     from remotefit import sandbox_image
-    from remotefit.proc import atomic_write, run, spawn_daemon
-    from remotefit.sandbox import SandboxNode
 
+    moto_port = urlparse(endpoint).port or 80
+    return {
+        "instance_id": instance_id,
+        "dir": str(d),
+        "sandbox_dir": str(sandbox_dir),
+        "image": image,
+        "disk": str(d / "disk"),
+        "root": str(d / "root"),
+        "ip": ip,
+        "prefix": net.prefixlen,
+        "bridge": bridge,
+        "host_key": str(d / "ssh_host_ed25519_key"),
+        "wheelhouse": wheelhouse,
+        "wheels_mount": sandbox_image.WHEELS_MOUNT,
+        # Inside the node: its metadata service at the link-local address, and moto at the endpoint the
+        # laptop hands to node-side tools (AWS_ENDPOINT_URL).
+        "forwards": [[IMDS_ADDR, 80, "127.0.0.1", 0], ["127.0.0.1", moto_port, "127.0.0.1", moto_port]],
+        "endpoint": endpoint,
+        "region": region,
+    }
+
+
+def _write_seed(d: Path, instance_id: str, ip: str, public_key: str, user_data: bytes) -> None:
+    """The node's host key (kept per instance) and its NoCloud seed, with the user data as moto holds it
+    (gzip and all: cloud-init unpacks it)."""
+    from remotefit.proc import atomic_write, run
+
+    (d / "seed").mkdir(parents=True, exist_ok=True)
+    host_key = d / "ssh_host_ed25519_key"
+    if not host_key.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"sandbox-{instance_id}", "-f", str(host_key)])
+    meta = seed_files(instance_id, "ip-" + ip.replace(".", "-"), public_key, "")
+    atomic_write(d / "seed" / "meta-data", meta["meta-data"])
+    (d / "seed" / "user-data").write_bytes(user_data)
+
+
+def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region: str, ssh_user: str) -> SandboxNode:
+    """Boot the instance as a container (its kept disk, if it was stopped) and wait for its sshd; a node
+    that does not boot in time is powered off and its disk deleted, and the error shows its console."""
+    from remotefit import sandbox_image
+    from remotefit.proc import atomic_write, echo, spawn_daemon
+    from remotefit.sandbox import SandboxNode, pid_alive
+
+    old = sb.node(instance_id)
+    if old and old.mode == "container" and pid_alive(old.pid, "sandbox_machine") and wait_ssh(old.host, old.pid, 30):
+        return old  # still booted (a slow answer made it look down): never a second machine for one instance
     image = sandbox_image.ensure_image()
     house = sandbox_image.wheelhouse()
     net = bridge_network()
@@ -281,35 +335,10 @@ def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region:
             f"project's sandbox?): `inv sandbox.down` there, or give this project its own range with {BRIDGE_CIDR_ENV}"
         )
     d = sb.nodes_dir / instance_id
-    (d / "seed").mkdir(parents=True, exist_ok=True)
-    host_key = d / "ssh_host_ed25519_key"
-    if not host_key.exists():
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"sandbox-{instance_id}", "-f", str(host_key)])
-    hostname = "ip-" + ip.replace(".", "-")
-    meta = seed_files(instance_id, hostname, public_key, "")
-    atomic_write(d / "seed" / "meta-data", meta["meta-data"])
-    (d / "seed" / "user-data").write_bytes(user_data)  # as moto holds it (gzip: cloud-init unpacks it)
+    _write_seed(d, instance_id, ip, public_key, user_data)
     imds_pid, imds_port = sb._start_imds(d, instance_id, endpoint, region, local_ipv4=ip)
-    moto_port = urlparse(endpoint).port or 80
-    cfg = {
-        "instance_id": instance_id,
-        "dir": str(d),
-        "sandbox_dir": str(sb.dir),
-        "image": str(image),
-        "disk": str(d / "disk"),
-        "root": str(d / "root"),
-        "ip": ip,
-        "prefix": net.prefixlen,
-        "bridge": bridge,
-        "host_key": str(host_key),
-        "wheelhouse": str(house),
-        "wheels_mount": sandbox_image.WHEELS_MOUNT,
-        # Inside the node: its metadata service at the link-local address, and moto at the endpoint the
-        # laptop hands to node-side tools (AWS_ENDPOINT_URL).
-        "forwards": [[IMDS_ADDR, 80, "127.0.0.1", imds_port], ["127.0.0.1", moto_port, "127.0.0.1", moto_port]],
-        "endpoint": endpoint,
-        "region": region,
-    }
+    cfg = machine_config(d, sb.dir, instance_id, ip, net, bridge, str(image), str(house), endpoint, region)
+    cfg["forwards"][0][3] = imds_port
     atomic_write(d / MACHINE, json.dumps(cfg))
     for stale in (EXIT, STOP_REASON, "leader"):
         (d / stale).unlink(missing_ok=True)
@@ -336,18 +365,14 @@ def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region:
     if not wait_ssh(ip, proc.pid, timeout):
         tail = console_tail(d)
         sb.stop_node(node)
-        from remotefit.proc import echo
-
         echo(
             f"sandbox node {instance_id}: its console's last lines:\n"
-            + "\n".join(f"  | {ln}" for ln in tail.splitlines())
+            + "\n".join(f"  | {x}" for x in tail.splitlines())
         )
         raise UserError(
             f"sandbox node {instance_id} ({ip}) did not boot to SSH within {timeout:g} s (its console is above; "
             f"{BOOT_TIMEOUT_ENV} sets the limit); it was powered off, and `inv destroy` removes the rest"
         )
-    from remotefit.proc import echo
-
     echo(f"sandbox: {instance_id} booted to SSH at {ip} in {time.monotonic() - t0:.1f} s (container)")
     return node
 
