@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from remotefit.errors import UserError
-from remotefit.node import NODE_DIR
+from remotefit.node import NODE_DIR, contract
 from remotefit.proc import echo
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from remotefit.workspace import Workspace
 
 FETCHER = NODE_DIR / "fetch.py"
-TOOLS_PYTHON = "/opt/remotefit-tools/bin/python"  # installed by templates/user_data.sh.tftpl
+TOOLS_PYTHON = contract.TOOLS_PYTHON  # installed by templates/user_data.sh.tftpl
 SCHEMES = ("s3://", "http://", "https://")
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

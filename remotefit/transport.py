@@ -96,9 +96,7 @@ class Transport:
 
     def tools_python(self) -> str:
         """The shell word for the Python that runs node-side tools (the fetcher): the node's tool venv."""
-        from remotefit.data import TOOLS_PYTHON
-
-        return f'"${{REMOTEFIT_TOOLS_PYTHON:-{TOOLS_PYTHON}}}"'
+        return f'"${{{contract.TOOLS_PYTHON_ENV}:-{contract.TOOLS_PYTHON}}}"'
 
     def idle_check(self) -> str:
         """A shell condition that fails (runner exit 3, its error on stderr) while a run is active, so a
