@@ -9,6 +9,10 @@ the boot script installs comes from a local apt repository baked into the image 
 python3-venv, python3-pip and python-is-python3), and pip reads a wheelhouse on this machine that each
 node mounts read-only (`wheelhouse`): the real apt and pip steps run, offline.
 
+A second variant, `dl`, plays the Deep Learning AMI's layout: the CPU image plus a venv at /opt/pytorch
+holding this machine's PyTorch build (a CPU build: CUDA is absent, and `inv fit --gpu` says so), so the GPU
+profile's code paths (the image's Python, a job venv over its packages) run too. GPU instance types boot it.
+
 Each node boots a copy-on-write overlay of this folder (sandbox_machine.py); the image is never written.
 """
 
@@ -87,7 +91,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REMOTEFIT_CACHE") or Path.home() / ".cache" / "remotefit")
 
 
-def recipe() -> dict[str, object]:
+VARIANTS = ("cpu", "dl")
+DL_VENV = "/opt/pytorch"  # where the Deep Learning AMI keeps PyTorch
+
+
+def torch_requirement() -> str | None:
+    """This machine's PyTorch, as the dl image installs it ("torch==2.13.0+cpu"), or None without one."""
+    from importlib import metadata
+
+    try:
+        return f"torch=={metadata.version('torch')}"
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def variant_for(instance_type: str) -> str:
+    from remotefit.cost import is_gpu_type
+
+    return "dl" if is_gpu_type(instance_type) else "cpu"
+
+
+def recipe(variant: str = "cpu") -> dict[str, object]:
+    if variant == "dl":
+        return {"base": recipe("cpu"), "venv": DL_VENV, "torch": torch_requirement(), "version": 1}
     return {
         "suite": SUITE,
         "base": BASE_PACKAGES,
@@ -99,20 +125,21 @@ def recipe() -> dict[str, object]:
     }
 
 
-def recipe_key() -> str:
-    return hashlib.sha256(json.dumps(recipe(), sort_keys=True).encode()).hexdigest()[:12]
+def recipe_key(variant: str = "cpu") -> str:
+    return hashlib.sha256(json.dumps(recipe(variant), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def image_dir(cache: Path | None = None) -> Path:
-    return (cache or cache_dir()) / "images" / f"debian-{SUITE}-cpu-{recipe_key()}"
+def image_dir(cache: Path | None = None, variant: str = "cpu") -> Path:
+    return (cache or cache_dir()) / "images" / f"debian-{SUITE}-{variant}-{recipe_key(variant)}"
 
 
-def build_log(cache: Path | None = None) -> Path:
-    return (cache or cache_dir()) / "images" / f"debian-{SUITE}-cpu-{recipe_key()}.log"
+def build_log(cache: Path | None = None, variant: str = "cpu") -> Path:
+    img = image_dir(cache, variant)
+    return img.with_name(img.name + ".log")
 
 
-def ready(cache: Path | None = None) -> bool:
-    return (image_dir(cache) / ".remotefit-image").exists()
+def ready(cache: Path | None = None, variant: str = "cpu") -> bool:
+    return (image_dir(cache, variant) / ".remotefit-image").exists()
 
 
 def debootstrap_argv(target: Path, mirror: str) -> list[str]:
@@ -142,6 +169,23 @@ def build_steps(root: Path, mirror: str) -> list[tuple[str, list[str]]]:
     ]
 
 
+def dl_steps(base: Path, root: Path, torch: str, house: Path) -> list[tuple[str, list[str]]]:
+    """The dl variant: the CPU image, then PyTorch in its own venv at DL_VENV from the wheelhouse (copied in
+    for the build, then removed), as the Deep Learning AMI has it."""
+    apt = ["apt-get", "-q", "-y", "--no-install-recommends"]
+    wheels = "/tmp/remotefit-wheels"
+    pip = [f"{DL_VENV}/bin/pip", "install", "-q", "--no-index", "--find-links", wheels, torch, "numpy"]
+    return [
+        ("copying the CPU image", ["cp", "-a", "--reflink=auto", str(base), str(root)]),
+        ("apt-get update", chroot_argv(root, "apt-get", "-q", "update")),
+        ("installing python3-venv", chroot_argv(root, *apt, "install", "python3-venv")),
+        ("copying the wheelhouse", ["cp", "-a", str(house), f"{root}{wheels}"]),
+        (f"the PyTorch venv ({DL_VENV})", chroot_argv(root, "python3", "-m", "venv", DL_VENV)),
+        (f"installing {torch}", chroot_argv(root, *pip)),
+        ("removing the wheels", ["rm", "-rf", f"{root}{wheels}", f"{root}/root/.cache/pip"]),
+    ]
+
+
 def _configure(root: Path) -> None:
     """Files that make the root an image: cloud-init's config, apt on the local repo, pip on the wheelhouse,
     no host keys of its own (each node gets the one the sandbox keeps for its instance)."""
@@ -164,26 +208,37 @@ def _configure(root: Path) -> None:
     (root / "etc/machine-id").write_text("")  # systemd makes one per boot, as on a fresh instance
 
 
-def ensure_image(cache: Path | None = None, echo: bool = True) -> Path:
+def ensure_image(cache: Path | None = None, echo: bool = True, variant: str = "cpu") -> Path:
     """The cached image, built first if missing (a lock keeps two builders apart). A failed build is
     one line with its log's path; nothing half-built is ever used."""
-    img = image_dir(cache)
+    base = ensure_image(cache, echo, "cpu") if variant == "dl" else None  # before the lock: it takes it too
+    img = image_dir(cache, variant)
     img.parent.mkdir(parents=True, exist_ok=True)
     with open(img.parent / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if ready(cache):
+        if ready(cache, variant):
             return img
         if shutil.which("debootstrap") is None:
             raise UserError("debootstrap not found: the sandbox's node image needs it (apt-get install debootstrap)")
-        log = build_log(cache)
+        torch = torch_requirement()
+        if base is not None and torch is None:
+            raise UserError(
+                "GPU sandbox nodes boot the dl image, which needs PyTorch in this venv: run scripts/bootstrap "
+                "--sandbox, or use CPU nodes"
+            )
+        log = build_log(cache, variant)
         tmp = img.with_name(img.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         mirror = os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR
+        if base is None:
+            steps = build_steps(tmp, mirror)
+        else:
+            steps = dl_steps(base, tmp, str(torch), wheelhouse(cache, str(torch)))
         t0 = time.monotonic()
         if echo:
-            print(f"sandbox: building the node image (once per machine, ~1-2 min; log: {log})", flush=True)
+            print(f"sandbox: building the {variant} node image (once per machine, ~1-2 min; log: {log})", flush=True)
         with log.open("w") as fh:
-            for what, argv in build_steps(tmp, mirror):
+            for what, argv in steps:
                 fh.write(f"== {what}: {' '.join(argv)}\n")
                 fh.flush()
                 res = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=CHROOT_ENV, timeout=1800)  # noqa: S603
@@ -194,28 +249,29 @@ def ensure_image(cache: Path | None = None, echo: bool = True) -> Path:
                         f"see {log}; set {MIRROR_ENV} to a reachable Debian mirror, or use loopback nodes "
                         "(REMOTEFIT_SANDBOX_NODES=loopback)"
                     )
-            _configure(tmp)
-            (tmp / ".remotefit-image").write_text(json.dumps({"recipe": recipe(), "built_in_s": time.monotonic() - t0}))
+            if base is None:
+                _configure(tmp)
+            info = {"recipe": recipe(variant), "built_in_s": time.monotonic() - t0}
+            (tmp / ".remotefit-image").write_text(json.dumps(info))
             fh.write(f"== built in {time.monotonic() - t0:.0f} s\n")
         os.rename(tmp, img)
         return img
 
 
-def wheelhouse(cache: Path | None = None) -> Path:
-    """Wheels the nodes install from (read-only at WHEELS_MOUNT): the tool venv's boto3, fetched once from
-    this machine's package index; plus every wheel a test job needs, copied in by `add_wheels`."""
+def wheelhouse(cache: Path | None = None, *extra: str) -> Path:
+    """Wheels the nodes install from (read-only at WHEELS_MOUNT), fetched once per set of requirements from
+    this machine's package index: the tool venv's boto3, plus `extra` (the dl image's torch and numpy)."""
     house = (cache or cache_dir()) / "wheelhouse"
     house.mkdir(parents=True, exist_ok=True)
-    stamp = house / (".downloaded-" + hashlib.sha256(" ".join(WHEELHOUSE_REQUIREMENTS).encode()).hexdigest()[:12])
+    wanted = (*WHEELHOUSE_REQUIREMENTS, *extra, *(["numpy"] if extra else []))
+    stamp = house / (".downloaded-" + hashlib.sha256(" ".join(wanted).encode()).hexdigest()[:12])
     if stamp.exists():
         return house
     argv = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--only-binary=:all:"]
-    argv += ["-d", str(house), *WHEELHOUSE_REQUIREMENTS]
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=600)  # noqa: S603
+    argv += ["-d", str(house), *wanted]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=1200)  # noqa: S603
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(
-            f"could not fill the sandbox's wheelhouse {house} ({' '.join(WHEELHOUSE_REQUIREMENTS)}): {last}"
-        )
+        raise UserError(f"could not fill the sandbox's wheelhouse {house} ({' '.join(wanted)}): {last}")
     stamp.write_text("")
     return house

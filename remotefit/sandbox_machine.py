@@ -188,8 +188,8 @@ def ensure_bridge(net: ipaddress.IPv4Network) -> str:
     return name
 
 
-def describe(endpoint: str, region: str, instance_id: str) -> tuple[str, bytes]:
-    """(private IP, user data) of the instance as moto holds them."""
+def describe(endpoint: str, region: str, instance_id: str) -> tuple[str, str, bytes]:
+    """(private IP, instance type, user data) of the instance as moto holds them."""
     import base64
 
     import boto3
@@ -200,7 +200,7 @@ def describe(endpoint: str, region: str, instance_id: str) -> tuple[str, bytes]:
     inst = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
     attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
     raw = attr.get("UserData", {}).get("Value", "")
-    return inst.get("PrivateIpAddress", ""), base64.b64decode(raw) if raw else b""
+    return inst.get("PrivateIpAddress", ""), inst.get("InstanceType", ""), base64.b64decode(raw) if raw else b""
 
 
 def console_tail(d: Path, lines: int = 15) -> str:
@@ -323,11 +323,12 @@ def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region:
     old = sb.node(instance_id)
     if old and old.mode == "container" and pid_alive(old.pid, "sandbox_machine") and wait_ssh(old.host, old.pid, 30):
         return old  # still booted (a slow answer made it look down): never a second machine for one instance
-    image = sandbox_image.ensure_image()
-    house = sandbox_image.wheelhouse()
     net = bridge_network()
     bridge = ensure_bridge(net)
-    private_ip, user_data = describe(endpoint, region, instance_id)
+    private_ip, instance_type, user_data = describe(endpoint, region, instance_id)
+    # GPU instance types boot the Deep Learning AMI's stand-in (PyTorch in /opt/pytorch, no CUDA).
+    image = sandbox_image.ensure_image(variant=sandbox_image.variant_for(instance_type))
+    house = sandbox_image.wheelhouse()
     ip = node_ip(private_ip or str(net.network_address + 10), net)
     if _answers(ip):  # moto's IDs and addresses are seeded: another project's sandbox may hold this one
         raise UserError(

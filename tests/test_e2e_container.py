@@ -199,6 +199,78 @@ class TestContainerNode:
         nothing_left(p)
 
 
+DIST_TRAIN = """\
+import json, os, socket
+import torch
+import torch.distributed as dist
+
+print("rendezvous", os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], "on", socket.gethostname(), flush=True)
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+t = torch.tensor([float(rank + 1)])
+dist.all_reduce(t)
+print(f"rank {rank}/{world} all_reduce {t.item()}", flush=True)
+os.makedirs("outputs", exist_ok=True)
+with open(f"outputs/rank{rank}.json", "w") as f:
+    json.dump({"rank": rank, "world": world, "sum": t.item()}, f)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="class")
+def gpu_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    """Two GPU-profile nodes: they boot the dl image (the Deep Learning AMI's layout, PyTorch CPU build)."""
+    p = container_project(tmp_path_factory.mktemp("gpu"))
+    p.inv("backend")
+    p.inv("apply", "--yes", "--gpu", "--nodes", "2", timeout=1500)
+    yield p
+    p.inv("destroy", "--yes", check=False, timeout=600)
+    p.down()
+
+
+class TestGpuProfileNodes:
+    def test_pytorch_where_the_deep_learning_ami_keeps_it(self, gpu_nodes: Project) -> None:
+        p = gpu_nodes
+        rec = node_record(p)
+        assert rec["python"] == "/opt/pytorch/bin/python3", rec
+        res = p.ssh(
+            "rf-test-0",
+            "/opt/pytorch/bin/python3 -c 'import torch; print(torch.__version__, torch.cuda.is_available())'",
+        )
+        assert res.returncode == 0, res.stderr
+        version, cuda = res.stdout.split()
+        assert version.startswith("2.") and cuda == "False"  # CUDA is absent, and said so below
+
+    def test_gloo_torchrun_across_two_nodes_over_the_bridge(self, gpu_nodes: Project, tmp_path: Path) -> None:
+        p = gpu_nodes
+        job = tmp_path / "dist"
+        job.mkdir()
+        (job / "train.py").write_text(DIST_TRAIN)
+        (job / "job.toml").write_text('distributed = true\nenv = { OMP_NUM_THREADS = "1" }\n')
+        res = p.inv("fit", str(job), "--nodes", "2", timeout=600)
+        out = res.stdout + res.stderr
+        (d,) = [x for x in p.runs.glob("dist/*") if x.is_dir()]
+        assert json.loads((d / "rank0.json").read_text()) == {"rank": 0, "world": 2, "sum": 3.0}, out
+        node0, node1 = (d / "logs" / "node-0.log").read_text(), (d / "logs" / "node-1.log").read_text()
+        addr0, addr1 = node_record(p, 0)["private_ip"], node_record(p, 1)["private_ip"]
+        assert addr0 != addr1 and not addr0.startswith("127.")
+        # Rendezvous at node 0's private IP, from both machines (each its own hostname).
+        assert f"rendezvous {addr0} " in node0 and "on ip-" + addr0.replace(".", "-") in node0, node0
+        assert f"rendezvous {addr0} " in node1 and "on ip-" + addr1.replace(".", "-") in node1, node1
+        assert "rank 1/2 all_reduce 3.0" in node1, node1
+
+    def test_fit_gpu_says_cuda_is_absent(self, gpu_nodes: Project, tmp_path: Path) -> None:
+        p = gpu_nodes
+        job = tmp_path / "cuda"
+        job.mkdir()
+        (job / "train.py").write_text("print('never runs')\n")
+        res = p.inv("fit", str(job), "--gpu", check=False, timeout=300)
+        out = res.stdout + res.stderr
+        assert res.returncode != 0 and "Traceback" not in out, out
+        assert "cuda" in out.lower() and "never runs" not in out, out
+
+
 def test_an_idle_node_terminates_itself(tmp_path: Path) -> None:
     """The real watchdog under its real systemd timer: idle for a minute, the node shuts down, and the
     instance (shutdown behaviour terminate) is terminated in moto, its disk gone."""

@@ -41,6 +41,7 @@ TASKS = [
     "sandbox.up",
     "sandbox.down",
     "sandbox.status",
+    "sandbox.console",
     "sandbox.interrupt",
     "tunnel.open",
     "tunnel.list",
