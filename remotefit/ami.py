@@ -86,8 +86,9 @@ class SsmAmiResolver:
 class ImageListResolver:
     """Sandbox: moto ships a list of public images; take a stable one (the first Ubuntu, else the first)."""
 
-    def __init__(self, ec2: Any) -> None:
+    def __init__(self, ec2: Any, gpu_image: str = DEFAULT_GPU_IMAGE) -> None:
         self.ec2 = ec2
+        self.gpu_image = gpu_image
 
     def source(self, profile: str) -> str | None:
         return None  # moto's image list does not change under a pin
@@ -98,4 +99,7 @@ class ImageListResolver:
             raise UserError("the sandbox has no machine images; restart it with `inv sandbox.down sandbox.up`")
         ubuntu = [i for i in images if "ubuntu" in i.get("Name", "").lower()]
         img = (ubuntu or images)[0]
-        return Ami(id=img["ImageId"], ssh_user="ubuntu", python="python3", source=f"sandbox image {img.get('Name')}")
+        # The Python the real image would have: a container node boots the image that has it (sandbox_image's
+        # dl variant keeps PyTorch in /opt/pytorch); a loopback node runs this machine's instead.
+        python = node_python(profile, self.gpu_image)
+        return Ami(id=img["ImageId"], ssh_user="ubuntu", python=python, source=f"sandbox image {img.get('Name')}")

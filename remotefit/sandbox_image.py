@@ -56,12 +56,14 @@ LOCAL_REPO = "/opt/remotefit-apt"
 WHEELS_MOUNT = "/opt/remotefit-wheels"  # where each node sees the wheelhouse (read-only)
 # What the node's cloud-init does differently from Debian's defaults: the NoCloud seed only, no network
 # config of its own (the sandbox gives the address, as EC2's DHCP does), Ubuntu's default user, the host
-# key the sandbox keeps per instance (so `accept-new` holds across a restart), names that resolve.
+# key the sandbox keeps per instance (so `accept-new` holds across a restart), and /etc/hosts left to the
+# sandbox, which resolves the node's name to its private IP as the VPC's DNS does (Debian's
+# manage_etc_hosts says 127.0.1.1, and gloo then tells its peers to connect there).
 CLOUD_CFG = """\
 # remotefit sandbox image: how this cloud-init differs from Debian's defaults
 datasource_list: [ NoCloud, None ]
 network: {config: disabled}
-manage_etc_hosts: localhost
+manage_etc_hosts: false
 locale: C.UTF-8
 ssh_deletekeys: false
 ssh_genkeytypes: []
@@ -201,7 +203,8 @@ def _configure(root: Path) -> None:
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
     # No network to sync the clock from, nor to fetch updates from: off, as they only fail.
-    for unit in ("apt-daily.timer", "apt-daily-upgrade.timer"):
+    # A console login would take the console over (its output is the node's console log); EC2 has none.
+    for unit in ("apt-daily.timer", "apt-daily-upgrade.timer", "console-getty.service"):
         link = root / "etc/systemd/system" / unit
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")

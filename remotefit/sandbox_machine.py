@@ -129,10 +129,13 @@ def nspawn_argv(cfg: dict[str, Any]) -> list[str]:
         f"--directory={cfg['root']}",
         f"--machine={cfg['instance_id']}",
         f"--network-bridge={cfg['bridge']}",
-        "--console=passive",
+        "--console=read-only",  # its output drains into console.log (passive connects it nowhere: a full pty blocks)
         f"--bind-ro={cfg['wheelhouse']}:{cfg['wheels_mount']}",
         "--",
         "systemd.show_status=true",
+        # The journal on the console too, as an EC2 console shows the boot: a node whose disk went with its
+        # instance still leaves what it did (the watchdog's decisions included) in console.log.
+        "systemd.journald.forward_to_console=1",
     ]
 
 
@@ -465,6 +468,11 @@ def _prepare_disk(cfg: dict[str, Any]) -> None:
     seed.mkdir(parents=True, exist_ok=True)
     for name in ("meta-data", "user-data"):
         shutil.copyfile(Path(cfg["dir"]) / "seed" / name, seed / name)
+    # The node's name resolves to its private IP, as the VPC's DNS answers on EC2.
+    hostname = "ip-" + cfg["ip"].replace(".", "-")
+    (root / "etc/hosts").write_text(
+        f"127.0.0.1 localhost\n{cfg['ip']} {hostname}\n::1 localhost ip6-localhost ip6-loopback\n"
+    )
     key = Path(cfg["host_key"])
     for src, dst in ((key, "ssh_host_ed25519_key"), (key.with_suffix(".pub"), "ssh_host_ed25519_key.pub")):
         shutil.copyfile(src, root / "etc/ssh" / dst)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 CALL_LOG_ENV = "REMOTEFIT_AWS_CALL_LOG"
 _LOGGED_PARAMS = ("Bucket", "Key", "Resources", "Tags", "TagSpecifications", "InstanceIds", "Name", "RoleName")
 # What the moto server does not implement (each is skipped on the sandbox, and only there).
-SANDBOX_GAPS = frozenset({"placement_groups", "tls_bucket_policy"})
+SANDBOX_GAPS = frozenset({"placement_groups", "tls_bucket_policy", "gpu_driver"})
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ class Workspace:
         from remotefit.ami import ImageListResolver, SsmAmiResolver
 
         if self.endpoint:
-            return ImageListResolver(self.client("ec2"))
+            return ImageListResolver(self.client("ec2"), self.defaults.gpu_image)
         return SsmAmiResolver(self.client("ssm"), self.defaults.gpu_image)
 
 

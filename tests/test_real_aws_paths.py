@@ -313,7 +313,7 @@ def test_aws_env_clients_tfvars_and_backend_have_no_endpoint(tmp_path: Path, mon
     }
     tfvars = stack.write_tfvars(ws, {}).read_text()
     assert re.search(r"^aws_endpoint\s*=\s*null$", tfvars, re.M), tfvars
-    assert ws.supports("placement_groups") and ws.supports("tls_bucket_policy")
+    assert ws.supports("placement_groups") and ws.supports("tls_bucket_policy") and ws.supports("gpu_driver")
     no_sandbox(tmp_path)
 
 

@@ -691,3 +691,19 @@ def test_deadline_wait_for_the_final_upload_is_bounded(node, capsys):
     finally:
         job.kill()
         job.wait()
+
+
+def test_boot_time_is_when_init_started_so_a_container_node_is_not_as_old_as_its_host(tmp_path):
+    """In a container (the sandbox's booted nodes) /proc/uptime and boot_id are the host kernel's: the node's
+    boot is when its PID 1 started, else a fresh node would look idle since the host booted."""
+    proc = tmp_path / "proc"
+    (proc / "1").mkdir(parents=True)
+    (proc / "stat").write_text("cpu  1 2 3\nbtime 1700000000\nprocesses 9\n")
+    (proc / "uptime").write_text("86400.00 1.00\n")  # the host has been up a day
+    hz = os.sysconf("SC_CLK_TCK")
+    fields = ["S", "0"] + ["0"] * 17 + [str(3600 * hz)]  # state, ppid, ..., starttime (field 22)
+    (proc / "1" / "stat").write_text("1 (systemd) " + " ".join(fields) + "\n")
+    assert watchdog.init_start(str(proc)) == 3600 * hz
+    assert watchdog.boot_time(str(proc), now=1700090000.0) == 1700003600.0  # an hour after the host
+    (proc / "1" / "stat").unlink()  # no init to read: the uptime, as before
+    assert watchdog.boot_time(str(proc), now=1700090000.0) == 1700090000.0 - 86400.0

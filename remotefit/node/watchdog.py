@@ -173,7 +173,28 @@ def read_first_line(path: str) -> str | None:
         return None
 
 
+def init_start(proc: str) -> int | None:
+    """When PID 1 started, in clock ticks since the kernel booted (field 22 of its stat)."""
+    try:
+        with open(os.path.join(proc, "1", "stat")) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def boot_time(proc: str, now: float) -> float | None:
+    """When this machine booted: when its init started (the kernel's boot time plus PID 1's start). On a VM
+    that is the kernel's boot within a second; in a container (the sandbox's nodes) /proc/uptime is the
+    host's, and only PID 1's start says when the node booted."""
+    start = init_start(proc)
+    btime = None
+    try:
+        with open(os.path.join(proc, "stat")) as f:
+            btime = next((int(ln.split()[1]) for ln in f if ln.startswith("btime ")), None)
+    except (OSError, ValueError, IndexError):
+        btime = None
+    if start is not None and btime is not None:
+        return btime + start / os.sysconf("SC_CLK_TCK")
     up = read_first_line(os.path.join(proc, "uptime"))
     try:
         return now - float(up.split()[0]) if up else None
@@ -404,6 +425,8 @@ def tick(opts: argparse.Namespace, now: float) -> str:
     """One decision; returns the action ('keep' or 'shutdown')."""
     state = load_state(opts.state)
     boot_id = read_first_line(os.path.join(opts.proc, "sys", "kernel", "random", "boot_id"))
+    if boot_id and init_start(opts.proc) is not None:
+        boot_id += f":{init_start(opts.proc)}"  # a container's boot shares the host kernel's boot_id
     if boot_id and state.get("boot_id") not in (None, boot_id):
         state = {}  # a new boot: last boot's idle clock and spot flags are meaningless
     if boot_id:

@@ -93,6 +93,10 @@ def wait_ready(ws: Workspace, nodes: list[Node], gpu: bool = False, timeout: flo
 
 def _check_gpus(ws: Workspace, nodes: list[Node]) -> None:
     """nvidia-smi answers on every GPU node (the image's driver works), and says which GPU it has."""
+    if not ws.supports("gpu_driver"):
+        for n in nodes:  # the sandbox's dl image is the Deep Learning AMI's layout with a CPU build of PyTorch
+            echo(f"gpu: {n.alias}: no NVIDIA driver on a sandbox node (CUDA is absent; `inv fit --gpu` refuses)")
+        return
     for n in nodes:
         res = run(
             ssh_argv(ws.paths.ssh_config, n.alias, "nvidia-smi --query-gpu=name,driver_version --format=csv,noheader"),
