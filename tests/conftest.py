@@ -71,6 +71,14 @@ def strict(config: pytest.Config) -> bool:
     return ci or bool(config.getoption("--strict-e2e")) or os.environ.get("REMOTEFIT_STRICT_E2E") == "1"
 
 
+def require_root(request: pytest.FixtureRequest, why: str) -> None:
+    """Skip a test that needs root, or fail it where a skipped test hides a missing capability (CI)."""
+    if os.geteuid() != 0:
+        if strict(request.config):
+            pytest.fail(f"{why}; a skipped test is a failure under CI=true / --strict-e2e", pytrace=False)
+        pytest.skip(why)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requires(*tools): needs these tools; strict under CI like e2e")
     config.addinivalue_line("markers", "fault: an injected fault (tests/test_e2e_faults.py), counted apart")

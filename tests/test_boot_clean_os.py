@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from remotefit import nodes
-from tests.conftest import requires, strict
+from tests.conftest import require_root, requires
 from tests.test_user_data import render_user_data
 
 pytestmark = requires("terraform", "debootstrap", "chroot", "unshare")
@@ -38,11 +38,7 @@ SHIM = '#!/bin/sh\necho "$(date +%s.%N) {name} $*" >> /var/log/remotefit-test-ca
 
 @pytest.fixture(autouse=True)
 def _needs_root(request: pytest.FixtureRequest) -> None:
-    if os.geteuid() != 0:
-        msg = "chroot needs root"
-        if strict(request.config):
-            pytest.fail(f"{msg}; a skipped boot test is a failure under CI=true / --strict-e2e", pytrace=False)
-        pytest.skip(msg)
+    require_root(request, "chroot needs root")
 
 
 def in_root(root: Path, *argv: str) -> list[str]:

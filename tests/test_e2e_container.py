@@ -11,7 +11,6 @@ Needs root, systemd-nspawn and debootstrap; the image is built once per machine 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,18 +19,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Project, make_project, requires, strict
+from tests.conftest import Project, make_project, require_root, requires
+from tests.test_e2e_nodes import error_line
 
 pytestmark = [pytest.mark.e2e, requires("terraform", "systemd-nspawn", "debootstrap", "ssh", "rsync")]
 
 
 @pytest.fixture(autouse=True)
 def _needs_root(request: pytest.FixtureRequest) -> None:
-    if os.geteuid() != 0:
-        msg = "container nodes need root"
-        if strict(request.config):
-            pytest.fail(f"{msg}; a skipped e2e test is a failure under CI=true / --strict-e2e", pytrace=False)
-        pytest.skip(msg)
+    require_root(request, "container nodes need root")
 
 
 def container_project(base: Path, **env: str) -> Project:
@@ -60,15 +56,6 @@ def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
     while not predicate():
         assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
         time.sleep(1)
-
-
-def error_line(res: subprocess.CompletedProcess[str]) -> str:
-    assert res.returncode != 0, res.stdout + res.stderr
-    out = res.stdout + res.stderr
-    assert "Traceback" not in out, out
-    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, out
-    return errors[0]
 
 
 def nothing_left(p: Project) -> None:
