@@ -155,7 +155,9 @@ def fit(
     hit = [t.node for t, st in zip(r.ts, statuses, strict=True) if st.get("spot_notice")]
     if hit and ws is not None and not local:
         if _keep_interrupted(r, hit, codes, statuses, final, max_recoveries):
-            nd_recover(ws, hit)
+            from remotefit import nodes as nd  # apply's machinery, loaded only when a node was reclaimed
+
+            nd.recover(ws, hit)
             return fit(
                 ws, job, extra, gpu=gpu, cpu=cpu, nodes=nodes, cancel_on_interrupt=cancel_on_interrupt,
                 raise_interrupt=raise_interrupt, paths=r.paths, secrets=secrets, tensorboard_flag=tensorboard_flag,
@@ -314,13 +316,6 @@ def _keep_interrupted(
     kept = home or pull_kept(r.ws, r.record)  # the node is being reclaimed: its results are in the runs bucket
     echo(f"run {r.run_id} was interrupted (exit code {final}); results in {kept}")
     return False
-
-
-def nd_recover(ws: Workspace, hit: list[Node]) -> None:
-    """End the interrupted instances and apply the last spec again (remotefit.nodes, loaded only now)."""
-    from remotefit import nodes as nd
-
-    nd.recover(ws, hit)
 
 
 def said_interrupted(ws: Workspace, record: RunRecord, hit: list[Node], status: dict[str, Any]) -> None:
