@@ -198,6 +198,7 @@ class Sandbox:
             stop_pid(stale.pid, "moto")  # running but deaf: stop it rather than leave a second server behind
         # Decided before the new server answers anything (its own start-up probes are recorded too).
         fresh = not self.recording.exists() or self.recording.stat().st_size == 0
+        slot = self._ip_slot()
         last = "no output"
         log = self.dir / "moto.log"
         for attempt in range(3):  # a free port can be taken by another process before moto binds it
@@ -206,7 +207,7 @@ class Sandbox:
             start = log.stat().st_size if log.exists() else 0
             # Its own session: it survives the invoke process; `sandbox.down` stops it.
             proc = spawn_daemon(
-                [sys.executable, "-m", "remotefit.sandbox", "moto", "--port", str(port)]
+                [sys.executable, "-m", "remotefit.sandbox", "moto", "--port", str(port), "--ip-slot", str(slot)]
                 + ([] if fresh else ["--hold"]),
                 log,
                 env={
@@ -239,17 +240,28 @@ class Sandbox:
             raise UserError(
                 f"the sandbox moto server did not start ({last}); run scripts/bootstrap to install moto[server]"
             )
-        restored = self._restore(srv, fresh)
+        restored = self._restore(srv, fresh, slot)
         atomic_write(self.record, json.dumps(asdict(srv)))
         echo(f"sandbox: moto server up at {srv.endpoint} (pid {srv.pid}){restored}")
         return srv
 
-    def _restore(self, srv: Server, fresh: bool) -> str:
+    def _ip_slot(self) -> int:
+        """The address slice of this sandbox's private IPs: one of its own where nodes are containers
+        (they share one bridge with other sandboxes' nodes), moto's own order (0) for loopback nodes."""
+        from remotefit import sandbox_machine
+
+        if self.node_mode()[0] != "container":
+            return 0
+        return sandbox_machine.claim_slot(self.dir)
+
+    def _restore(self, srv: Server, fresh: bool, slot: int = 0) -> str:
         """Make a new server hold what the last one held: moto's IDs come from a seeded generator, so
         replaying every recorded request (the seed first) rebuilds the same instances, buckets and
         state versions. Then live sandbox nodes are re-adopted (their watchdogs pointed here)."""
         if fresh:
-            _post(f"{srv.endpoint}/moto-api/seed?a={MOTO_SEED}")  # recorded: the replay starts with it
+            # Recorded: the replay starts with it. Each address slice its own seed, so sandboxes sharing this
+            # machine's bridge also have different instance IDs (a container's machine and veth names).
+            _post(f"{srv.endpoint}/moto-api/seed?a={MOTO_SEED + slot}")
             return ""
         lines = replay(self.recording, srv.endpoint)
         _post(f"{srv.endpoint}{READY_PATH}")  # the replay is whole: serve the nodes' clients again
@@ -294,6 +306,9 @@ class Sandbox:
         self.record.unlink(missing_ok=True)
         self.recording.unlink(missing_ok=True)  # a deliberate down starts afresh
         self._forget_nodes()
+        from remotefit.sandbox_machine import release_slot
+
+        release_slot(self.dir)
         return stopped
 
     # -- sshd nodes ------------------------------------------------------------------
@@ -530,7 +545,7 @@ class Sandbox:
         folder) gone."""
         node = self.node(instance_id)
         self.self_terminate(instance_id, endpoint, region)
-        if node is not None:
+        if node is not None and node.mode != "container":  # a container's workdir is inside its own disk
             shutil.rmtree(node.workdir, ignore_errors=True)
 
     def self_terminate(self, instance_id: str, endpoint: str, region: str) -> None:
@@ -770,7 +785,7 @@ RESTORE_HEADER = "x-remotefit-sandbox"  # on the laptop's replay requests: they 
 READY_PATH = "/remotefit-sandbox/ready"  # opens the gate once the replay is done
 
 
-def serve_moto(port: int, hold: bool = False) -> None:
+def serve_moto(port: int, hold: bool = False, ip_slot: int = 0) -> None:
     """moto's own server, but handling one request at a time: its recorder then logs requests in
     the order they drew IDs from the seeded generator, and a replay rebuilds the same IDs (with
     Terraform's parallel requests interleaving, it would not).
@@ -785,9 +800,12 @@ def serve_moto(port: int, hold: bool = False) -> None:
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import run_simple
 
-    from remotefit.sandbox_moto import apply_fixes
+    from remotefit.sandbox_machine import SLOT_SIZE
+    from remotefit.sandbox_moto import apply_fixes, slice_private_ips
 
     apply_fixes()  # moto bugs that make it answer unlike AWS (see sandbox_moto.py)
+    if ip_slot:
+        slice_private_ips(ip_slot * SLOT_SIZE)
     app = DomainDispatcherApplication(create_backend_app)
     lock = threading.Lock()
     answered: OrderedDict[str, tuple[str, list[Any], list[bytes]]] = OrderedDict()
@@ -862,9 +880,10 @@ def main(argv: list[str] | None = None) -> int:
     mo = sub.add_parser("moto", help="serve moto on loopback, one request at a time (a replayable order)")
     mo.add_argument("--port", type=int, required=True, help="the loopback port to listen on")
     mo.add_argument("--hold", action="store_true", help="answer 503 to all but the replay until it is done")
+    mo.add_argument("--ip-slot", type=int, default=0, help="the address slice its private IPs come from")
     args = p.parse_args(argv)
     if args.cmd == "moto":
-        serve_moto(args.port, hold=args.hold)
+        serve_moto(args.port, hold=args.hold, ip_slot=args.ip_slot)
         return 0
     if args.cmd == "interrupt-at":
         time.sleep(max(0.0, args.at - time.time()))

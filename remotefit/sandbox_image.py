@@ -258,7 +258,33 @@ def ensure_image(cache: Path | None = None, echo: bool = True, variant: str = "c
             (tmp / ".remotefit-image").write_text(json.dumps(info))
             fh.write(f"== built in {time.monotonic() - t0:.0f} s\n")
         os.rename(tmp, img)
+        pruned = prune_images(img)
+        if echo and pruned:
+            print(f"sandbox: removed superseded node image(s) {', '.join(p.name for p in pruned)}", flush=True)
         return img
+
+
+def in_use(img: Path, mounts: str) -> bool:
+    """Whether a node's disk (an overlay with the image as its lower layer) is mounted from it."""
+    return f"lowerdir={img}," in mounts or f"lowerdir={img} " in mounts or f"lowerdir={img}:" in mounts
+
+
+def prune_images(current: Path) -> list[Path]:
+    """Remove the images of the same variant built from older recipes (and their logs): each is ~0.5-1.3 GB
+    and nothing boots them again. An image a running node's disk still sits on is left for next time."""
+    stem = current.name.rsplit("-", 1)[0] + "-"
+    try:
+        mounts = Path("/proc/self/mounts").read_text()
+    except OSError:
+        return []  # cannot tell what is in use: keep everything
+    pruned = []
+    for old in current.parent.glob(stem + "*"):
+        if old == current or not old.is_dir() or old.name.endswith(".tmp") or in_use(old, mounts):
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        old.with_name(old.name + ".log").unlink(missing_ok=True)
+        pruned.append(old)
+    return pruned
 
 
 def wheelhouse(cache: Path | None = None, *extra: str) -> Path:
@@ -277,4 +303,34 @@ def wheelhouse(cache: Path | None = None, *extra: str) -> Path:
         last = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"could not fill the sandbox's wheelhouse {house} ({' '.join(wanted)}): {last}")
     stamp.write_text("")
+    return house
+
+
+def wheels_for(requirements: Path, cache: Path | None = None) -> Path:
+    """Put a job's requirements into the wheelhouse the container nodes install from. The nodes have no
+    route out (a real node reaches PyPI; this machine reaches its package index, so it fetches for them);
+    done once per content of the requirements file."""
+    house = (cache or cache_dir()) / "wheelhouse"
+    house.mkdir(parents=True, exist_ok=True)
+    try:
+        text = requirements.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {requirements}: {exc.strerror}") from None
+    stamp = house / (".downloaded-req-" + hashlib.sha256(text).hexdigest()[:12])
+    if stamp.exists():
+        return house
+    with open(house / ".download.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two sandboxes filling the same folder at once
+        if stamp.exists():
+            return house
+        argv = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check"]
+        argv += ["--find-links", str(house), "-d", str(house), "-r", str(requirements)]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=1200, cwd=requirements.parent)  # noqa: S603
+        if res.returncode != 0:
+            last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(
+                f"{requirements}: could not fetch its packages for the sandbox's container nodes, which install "
+                f"only from {house} ({last}); fix the file, or use loopback nodes (REMOTEFIT_SANDBOX_NODES=loopback)"
+            )
+        stamp.write_text("")
     return house

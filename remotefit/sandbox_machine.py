@@ -191,6 +191,96 @@ def ensure_bridge(net: ipaddress.IPv4Network) -> str:
     return name
 
 
+# -- address slices: sandboxes on one machine share the bridge, so their nodes need different addresses --
+# moto hands out a subnet's addresses in order from .4, so every project's first node would be 172.31.0.4.
+# Each sandbox with container nodes claims a slice of 256 addresses in the subnet (slot N starts at .N*256+4)
+# and its moto server gives addresses from there (sandbox_moto.slice_private_ips); AWS too hands out any
+# free address of the subnet, so no code may count on .4 anyway. The claim is kept in the sandbox folder,
+# so a restarted server (which replays its requests) gives the same addresses again.
+SLOT_SIZE = 256
+SLOTS = 15  # a default subnet is a /20: 16 slices of 256; slot 0 is moto's own order (loopback nodes)
+SLOT_FILE = "ip-slot"
+SLOT_GRACE_S = 300  # a claim this young holds even before its moto server answers (it is starting)
+
+
+def slot_registry() -> Path:
+    """Host-wide, as the bridge is: which sandbox folder holds which slice."""
+    return Path(os.environ.get("REMOTEFIT_SANDBOX_SLOTS") or "/run/remotefit/sandbox-slots")
+
+
+def _slot_of(owner: Path) -> int | None:
+    try:
+        return int((owner / SLOT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def slot_first_ip(n: int) -> str:
+    """The first address moto hands out in slice n of the first default subnet, on the bridge."""
+    first = ipaddress.IPv4Address(DEFAULT_BRIDGE_CIDR.split("/")[0]) + n * SLOT_SIZE + 4
+    return node_ip(str(first), bridge_network())
+
+
+def _slice_in_use(n: int) -> bool:
+    """Whether a machine on the bridge holds slice n's first address. Asked only when the bridge exists:
+    without it no machine is on it, and a connect would go out by the default route (where a proxy may
+    answer anything)."""
+    if not Path("/sys/class/net", bridge_name(bridge_network())).exists():
+        return False
+    return _answers(slot_first_ip(n))
+
+
+def _serving(sandbox_dir: Path) -> bool:
+    """Whether that sandbox's moto server still runs (its record's pid, a moto process)."""
+    from remotefit.sandbox import pid_alive
+
+    try:
+        return pid_alive(int(json.loads((sandbox_dir / "moto.json").read_text())["pid"]), "moto")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def claim_slot(owner: Path) -> int:
+    """This sandbox's address slice: the one it held before if it is still free, else the first free one."""
+    import fcntl
+
+    from remotefit.proc import atomic_write
+
+    reg = slot_registry()
+    reg.mkdir(parents=True, exist_ok=True)
+    with (reg / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two sandboxes starting at once must not take the same slice
+        had = _slot_of(owner)
+        for n in ([had] if had else []) + list(range(1, SLOTS + 1)):
+            try:
+                holder = Path((reg / str(n)).read_text().strip())
+                fresh = time.time() - (reg / str(n)).stat().st_mtime < SLOT_GRACE_S
+            except OSError:
+                holder, fresh = None, False
+            if holder and holder != owner and _slot_of(holder) == n and (fresh or _serving(holder)):
+                continue  # another sandbox's: running, or starting (one left by a killed run is taken over)
+            if n != had and _slice_in_use(n):
+                continue  # a machine of a sandbox whose folder is gone still holds the slice's first address
+            atomic_write(reg / str(n), str(owner))
+            atomic_write(owner / SLOT_FILE, str(n))
+            return n
+    raise UserError(
+        f"all {SLOTS} sandbox address slices of this machine are held by other projects' sandboxes (listed in "
+        f"{reg}): `inv sandbox.down` in one of them"
+    )
+
+
+def release_slot(owner: Path) -> None:
+    n = _slot_of(owner)
+    (owner / SLOT_FILE).unlink(missing_ok=True)
+    if n is None:
+        return
+    f = slot_registry() / str(n)
+    with contextlib.suppress(OSError):
+        if Path(f.read_text().strip()) == owner:
+            f.unlink()
+
+
 def describe(endpoint: str, region: str, instance_id: str) -> tuple[str, str, bytes]:
     """(private IP, instance type, user data) of the instance as moto holds them."""
     import base64
@@ -242,6 +332,18 @@ def wait_ssh(host: str, pid: int, timeout: float) -> bool:
     return False
 
 
+def _kill_machine(d: Path) -> None:
+    """SIGKILL the container's init (its pid namespace's PID 1): every process of the machine goes with it."""
+    try:
+        leader = int((d / "leader").read_text())
+        comm = Path(f"/proc/{leader}/comm").read_text().strip()
+    except (OSError, ValueError):
+        return
+    if comm == "systemd":  # still the container's init, not a recycled pid
+        with contextlib.suppress(OSError):
+            os.kill(leader, signal.SIGKILL)
+
+
 def power_off(d: Path, pid: int, reason: str, grace: float = 30) -> None:
     """Power a node off from outside; `reason` "stop" keeps its disk, anything else deletes it."""
     from remotefit.sandbox import pid_alive
@@ -254,6 +356,7 @@ def power_off(d: Path, pid: int, reason: str, grace: float = 30) -> None:
             time.sleep(0.1)
         if pid_alive(pid, "sandbox_machine"):
             os.killpg(pid, signal.SIGKILL)
+            _kill_machine(d)  # nspawn killed outright leaves the container's init running, orphaned
     if (d / STOP_REASON).exists():  # the supervisor did not finish: do its part
         root = d / "root"
         if os.path.ismount(root):
@@ -333,10 +436,11 @@ def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region:
     image = sandbox_image.ensure_image(variant=sandbox_image.variant_for(instance_type))
     house = sandbox_image.wheelhouse()
     ip = node_ip(private_ip or str(net.network_address + 10), net)
-    if _answers(ip):  # moto's IDs and addresses are seeded: another project's sandbox may hold this one
+    if _answers(ip):  # each sandbox has its own slice (claim_slot); a stray machine on the bridge may not
         raise UserError(
-            f"address {ip} for {instance_id} is already taken by another sandbox node on this machine (another "
-            f"project's sandbox?): `inv sandbox.down` there, or give this project its own range with {BRIDGE_CIDR_ENV}"
+            f"address {ip} for {instance_id} is already taken by another machine on this one's sandbox bridge "
+            f"(another project's sandbox?): `inv sandbox.down` there, or give this project its own range with "
+            f"{BRIDGE_CIDR_ENV}"
         )
     d = sb.nodes_dir / instance_id
     _write_seed(d, instance_id, ip, public_key, user_data)

@@ -45,6 +45,26 @@ def fix_rule_descriptions() -> None:
     SecurityGroupRule.description = property(description)  # type: ignore[assignment,method-assign]
 
 
+def slice_private_ips(offset: int) -> None:
+    """Not a fix: a sandbox's moto gives private IPs from `offset` addresses into each subnet (after AWS's
+    reserved ones) instead of from .4, so two sandboxes on one machine, whose container nodes share one
+    bridge, never hand out the same address (sandbox_machine.claim_slot). AWS, too, picks any free
+    address of the subnet."""
+    from moto.ec2.models.subnets import Subnet
+
+    original = Subnet.get_available_subnet_ip
+
+    def get_available_subnet_ip(self: Any, instance: Any) -> str:
+        if not getattr(self, "_remotefit_sliced", False):
+            self._remotefit_sliced = True
+            hosts = self._base_avail_ip_iterator()  # moto's one (cached) iterator over the subnet
+            for _ in range(offset):
+                next(hosts, None)
+        return str(original(self, instance))
+
+    Subnet.get_available_subnet_ip = get_available_subnet_ip  # type: ignore[method-assign]
+
+
 def apply_fixes() -> None:
     fix_modify_instance_attribute()
     fix_rule_descriptions()

@@ -243,6 +243,14 @@ class Workspace:
         python = None if node.mode == "container" else sys.executable
         return Reach(node.host, node.port, node.user, node.workdir, private_host=node.host, python=python)
 
+    def provide_requirements(self, requirements: Path) -> None:
+        """Make a job's requirements installable on its nodes: on AWS they come from PyPI; container sandbox
+        nodes have no route out, so this machine fetches them into the wheelhouse the nodes read."""
+        if self.settings.is_sandbox and any(n.mode == "container" for n in self.sandbox.nodes()):
+            from remotefit.sandbox_image import wheels_for
+
+            wheels_for(requirements)
+
     def forget_unreached(self, keep: set[str], keep_disks: bool = False) -> None:
         """Stop sandbox nodes whose instance is no longer ours (scaled down or destroyed), or whose instance
         was stopped (keep_disks: a container node's disk stays for `inv start`)."""

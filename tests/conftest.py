@@ -117,6 +117,26 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 _reporter = None
 
 
+def node_mode_line() -> str:
+    """Which kind of sandbox node the end-to-end tests run on, and why (the test report says it)."""
+    from remotefit.errors import UserError
+    from remotefit.sandbox import Sandbox
+
+    try:
+        mode, why = Sandbox(Path(tempfile.gettempdir())).node_mode()
+    except UserError as exc:
+        return f"sandbox nodes: none ({exc})"
+    return f"sandbox nodes: {mode} ({why})"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return node_mode_line()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    terminalreporter.write_line(node_mode_line())
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     global _reporter
@@ -206,6 +226,29 @@ class Project:
         self.inv("sandbox.down", check=False, timeout=60)
 
 
+# A shell line printing the instance a node is: a loopback node's sshd sets REMOTEFIT_NODE; a container node
+# is a machine of its own, and cloud-init keeps its instance id as on EC2.
+NODE_ID_CMD = 'echo "${REMOTEFIT_NODE:-$(cat /var/lib/cloud/data/instance-id 2>/dev/null)}"'
+
+
+def containers(p: Project) -> bool:
+    """Whether this project's new sandbox nodes are booted containers (REMOTEFIT_SANDBOX_NODES)."""
+    return p.env.get("REMOTEFIT_SANDBOX_NODES", "loopback") in ("container", "auto") and _can_boot()
+
+
+def _can_boot() -> bool:
+    from remotefit import sandbox_machine
+
+    return sandbox_machine.available() is None
+
+
+def loopback_nodes(p: Project) -> Project:
+    """Pin a project to loopback nodes: for tests of the loopback node's own machinery (its sshd, its
+    watchdog on this machine's /proc); the container file shows the same on booted nodes."""
+    p.env["REMOTEFIT_SANDBOX_NODES"] = "loopback"
+    return p
+
+
 def make_project(
     base: Path, stage: str = "test", region: str = "us-east-1", bucket: str = "remotefit-test-state"
 ) -> Project:
@@ -223,6 +266,11 @@ def make_project(
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
         }
     )
+    # Which kind of sandbox node the suite runs on is the machine's choice, not the project's: CI runs the
+    # whole suite on booted container nodes (REMOTEFIT_SANDBOX_NODES=container), a laptop on loopback ones.
+    for machine_wide in ("REMOTEFIT_SANDBOX_NODES", "REMOTEFIT_CACHE", "REMOTEFIT_SANDBOX_SLOTS"):
+        if os.environ.get(machine_wide):
+            env[machine_wide] = os.environ[machine_wide]
     return Project(base, env)
 
 

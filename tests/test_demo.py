@@ -85,8 +85,14 @@ def test_demo_interrupted_mid_fit_cleans_up_and_says_what(tmp_path: Path) -> Non
         # watchdog, and the training job (its process group, from the runner's active.json).
         moto = json.loads((sandbox / "moto.json").read_text())["pid"]
         (node,) = (json.loads(f.read_text()) for f in sandbox.glob("nodes/*/node.json"))
-        job = json.loads((Path(node["workdir"]) / "active.json").read_text())
-        started = {"moto": moto, "sshd": node["pid"], "watchdog": node["watchdog_pid"], "job": job["pid"]}
+        booted = node.get("mode") == "container"  # its files are on its own disk, mounted here as its root
+        workdir = Path(node["workdir"])
+        if booted:
+            workdir = sandbox / "nodes" / node["instance_id"] / "root" / node["workdir"].lstrip("/")
+        job = json.loads((workdir / "active.json").read_text())
+        started = {"moto": moto, "node": node["pid"]}
+        if not booted:  # a container's own processes have pids of its namespace: its supervisor stands for them
+            started.update(watchdog=node["watchdog_pid"], job=job["pid"])
         assert all(_live(pid) for pid in started.values()), started
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
         proc.wait(timeout=300)

@@ -10,6 +10,7 @@ Needs root, systemd-nspawn and debootstrap; the image is built once per machine 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -35,6 +36,17 @@ def container_project(base: Path, **env: str) -> Project:
     p.env["REMOTEFIT_SANDBOX_NODES"] = "container"
     p.env.update(env)
     return p
+
+
+@contextlib.contextmanager
+def cleaned_up(p: Project) -> Iterator[None]:
+    """Destroy and stop the project's sandbox afterwards, also when its apply failed: a booted node left
+    behind would hold its address on the bridge that every sandbox on this machine shares."""
+    try:
+        yield
+    finally:
+        p.inv("destroy", "--yes", check=False, timeout=600)
+        p.down()
 
 
 def instances(p: Project) -> dict[str, dict[str, Any]]:
@@ -69,12 +81,11 @@ def nothing_left(p: Project) -> None:
 @pytest.fixture(scope="class")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Project, dict[str, Any]]]:
     p = container_project(tmp_path_factory.mktemp("container"))
-    p.inv("backend")
-    applied = p.inv("apply", "--yes", timeout=900)
-    assert "ready: rf-test-0" in applied.stdout + applied.stderr
-    yield p, node_record(p)
-    p.inv("destroy", "--yes", check=False, timeout=600)
-    p.down()
+    with cleaned_up(p):
+        p.inv("backend")
+        applied = p.inv("apply", "--yes", timeout=900)
+        assert "ready: rf-test-0" in applied.stdout + applied.stderr
+        yield p, node_record(p)
 
 
 class TestContainerNode:
@@ -84,6 +95,9 @@ class TestContainerNode:
         # The node is reached at the private IP moto gave the instance, on port 22, not on loopback.
         assert rec["host"] == inst["PrivateIpAddress"] == rec["private_ip"] and rec["port"] == 22
         assert not rec["host"].startswith("127.")
+        # From this sandbox's own slice of the subnet, so another project's nodes on the bridge never clash.
+        slot = int((p.sandbox / "ip-slot").read_text())
+        assert slot >= 1 and rec["host"].startswith(f"172.31.{slot}."), (slot, rec["host"])
         res = p.ssh("rf-test-0", "hostname; ip -4 -o addr show dev host0; findmnt -n -o FSTYPE /")
         assert res.returncode == 0, res.stderr
         assert res.stdout.split()[0] == "ip-" + rec["host"].replace(".", "-")
@@ -209,11 +223,10 @@ dist.destroy_process_group()
 def gpu_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     """Two GPU-profile nodes: they boot the dl image (the Deep Learning AMI's layout, PyTorch CPU build)."""
     p = container_project(tmp_path_factory.mktemp("gpu"))
-    p.inv("backend")
-    p.inv("apply", "--yes", "--gpu", "--nodes", "2", timeout=1500)
-    yield p
-    p.inv("destroy", "--yes", check=False, timeout=600)
-    p.down()
+    with cleaned_up(p):
+        p.inv("backend")
+        p.inv("apply", "--yes", "--gpu", "--nodes", "2", timeout=1500)
+        yield p
 
 
 class TestGpuProfileNodes:

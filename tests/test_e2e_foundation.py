@@ -178,7 +178,7 @@ def test_a_dead_server_is_reported_read_only_and_replaced_with_its_state(module_
     assert BUCKET in [b["Name"] for b in s3(p).list_buckets()["Buckets"]]  # the state bucket survived
 
 
-def test_sandbox_down_leaves_no_process(module_project, tmp_path):
+def test_sandbox_down_leaves_no_process(module_project, tmp_path, monkeypatch):
     """Everything the sandbox ran is gone after `sandbox.down`: the moto server, and a node's sshd, its
     watchdog, metadata service and spot poller, an open ssh connection and the client's ControlMaster that kept it open (ControlPersist,
     as the generated ssh_config has)."""
@@ -187,7 +187,8 @@ def test_sandbox_down_leaves_no_process(module_project, tmp_path):
     key = tmp_path / "key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     # A node as apply would have it reached (an sshd on loopback and its watchdog), minus Terraform:
-    # this module never applies.
+    # this module never applies (a booted container needs its instance in moto: test_e2e_container).
+    monkeypatch.setenv("REMOTEFIT_SANDBOX_NODES", "loopback")
     node = p.workspace().sandbox.start_node("i-0f0undat10n00000", key.with_suffix(".pub").read_text(), endpoint(p))
     ssh = ["ssh", "-i", str(key), "-p", str(node.port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"]
     ssh += ["-o", f"UserKnownHostsFile={tmp_path / 'known_hosts'}", "-o", f"ControlPath={tmp_path / 'cm'}"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import INV, ROOT, Project, make_project
+from tests.conftest import INV, ROOT, Project, containers, make_project
 
 pytestmark = pytest.mark.e2e
 
@@ -428,7 +429,12 @@ def test_torch_distributed_on_two_nodes(cluster: Project, tmp_path: Path):
     job = make_job(
         tmp_path,
         "dist",
-        {"train.py": DIST_TRAIN, "job.toml": 'distributed = true\nenv = { OMP_NUM_THREADS = "1" }\n'},
+        # torch from its requirements, as a stock node has none (loopback nodes have this checkout's already).
+        {
+            "train.py": DIST_TRAIN,
+            "requirements.txt": "torch>=2.1\n",
+            "job.toml": 'distributed = true\nenv = { OMP_NUM_THREADS = "1" }\n',
+        },
     )
     res = cluster.inv("fit", str(job), "--nodes", "2", timeout=240)
     d = results_dir(res)
@@ -459,7 +465,9 @@ def test_torch_distributed_on_two_nodes(cluster: Project, tmp_path: Path):
 def test_sandbox_job_gets_a_stock_path_and_python_from_the_shim(cluster: Project, tmp_path: Path):
     """As on a stock Ubuntu node: this checkout's venv is not on the job's PATH; `python` (which must
     have torch) comes from the runner's shim."""
-    job = make_job(tmp_path, "where", {"where.py": "import sys, torch\nprint('EXE', sys.executable)\n"})
+    booted = containers(cluster)  # a booted node's Python is the image's, with no torch (a stock image's)
+    imports = "sys" if booted else "sys, torch"
+    job = make_job(tmp_path, "where", {"where.py": f"import {imports}\nprint('EXE', sys.executable)\n"})
     cmd = 'echo "PATH=$PATH"; echo "WHICH=$(command -v python)"; python where.py'
     res = cluster.inv("fit", str(job), "--nodes", "1", "--cmd", cmd)
     log = (results_dir(res) / "log").read_text()
@@ -467,7 +475,9 @@ def test_sandbox_job_gets_a_stock_path_and_python_from_the_shim(cluster: Project
     assert os.path.dirname(INV) not in path, path  # this checkout's venv (where `inv` and torch live)
     assert path[0] == f"{workdir(cluster)}/.remotefit/bin", path
     assert re.search(r"^WHICH=(.*)$", log, re.M).group(1) == f"{workdir(cluster)}/.remotefit/bin/python"
-    assert "EXE " in log  # the shim's python imported torch
+    assert "EXE " in log  # the shim's python ran (and on a loopback node imported torch)
+    if booted:
+        assert "EXE /usr/bin/python3" in log, log
 
 
 def test_failed_boot_is_one_line_naming_the_node(cluster: Project):
@@ -479,14 +489,28 @@ def test_failed_boot_is_one_line_naming_the_node(cluster: Project):
 
     ws = cluster.workspace()
     live = nd.inventory(ws)
-    boot = cluster.sandbox / "nodes" / live[1].instance_id / "boot"
-    (boot / "boot-failed").write_text("step 'installing python3-venv python3-pip' failed (exit 100) at T\n")
-    (boot / "boot.log").write_text("E: Could not get lock /var/lib/dpkg/lock-frontend\nremotefit-boot: FAILED\n")
+    failed = "step 'installing python3-venv python3-pip' failed (exit 100) at T\n"
+    log = "E: Could not get lock /var/lib/dpkg/lock-frontend\nremotefit-boot: FAILED\n"
+    if containers(cluster):  # a booted node: the markers where the boot script writes them, as root
+        mark = f"printf %s {shlex.quote(failed)} | sudo tee /var/lib/remotefit/boot-failed >/dev/null && "
+        mark += f"printf %s {shlex.quote(log)} | sudo tee -a /var/log/remotefit-boot.log >/dev/null"
+        assert cluster.ssh("rf-test-1", mark).returncode == 0
+
+        def unmark() -> None:
+            assert cluster.ssh("rf-test-1", "sudo rm /var/lib/remotefit/boot-failed").returncode == 0
+    else:
+        boot = cluster.sandbox / "nodes" / live[1].instance_id / "boot"
+        (boot / "boot-failed").write_text(failed)
+        (boot / "boot.log").write_text(log)
+
+        def unmark() -> None:
+            (boot / "boot-failed").unlink()
+
     try:
         with pytest.raises(UserError) as exc:
             nd.wait_ready(ws, live, timeout=120)
     finally:
-        (boot / "boot-failed").unlink()
+        unmark()
     msg = exc.value.message
     assert "\n" not in msg and exc.value.code != 0
     assert msg.startswith(f"rf-test-1 ({live[1].instance_id}): the node's boot failed: step 'installing python3-venv")

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from remotefit.sandbox import pid_alive
-from tests.conftest import ROOT, Project, make_project, requires
+from tests.conftest import NODE_ID_CMD, ROOT, Project, loopback_nodes, make_project, requires
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +81,10 @@ def _project(factory: pytest.TempPathFactory, name: str):
 @pytest.fixture(scope="class")
 def proj(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """One isolated project (own moto server and sshd nodes) per test class, stopped afterwards."""
-    yield from _project(tmp_path_factory, request.cls.__name__.lower())
+    for p in _project(tmp_path_factory, request.cls.__name__.lower()):
+        if request.cls.__name__ == "TestLockAndSelfTermination":
+            loopback_nodes(p)  # its idle test drives the loopback node's watchdog (test_e2e_container: booted)
+        yield p
 
 
 @pytest.fixture(scope="class")
@@ -126,7 +129,10 @@ class TestLifecycle:
         for r in ingress:
             assert r.get("CidrIpv4") != "0.0.0.0/0" and r.get("CidrIpv6") != "::/0", r
         ssh_rule = next(r for r in ingress if r.get("FromPort") == 22)
-        assert ssh_rule["CidrIpv4"] == "127.0.0.1/32" and ssh_rule["ToPort"] == 22
+        # Where our ssh comes from as the node sees it: loopback, or the bridge's gateway for container nodes.
+        from remotefit.sandbox import Sandbox
+
+        assert ssh_rule["CidrIpv4"] == Sandbox(proj.sandbox).caller_cidr() and ssh_rule["ToPort"] == 22
 
     def test_only_the_public_key_leaves_the_machine(self, proj: Project, applied) -> None:
         key = proj.kept / "keys" / "test_ed25519"
@@ -182,7 +188,7 @@ class TestLifecycle:
         assert {n.instance_id for n in sandbox_nodes} == ids and all(n.alive() for n in sandbox_nodes)
         reached = set()
         for alias in ("rf-test-0", "rf-test-1"):
-            r = ssh(proj, alias, "echo $REMOTEFIT_NODE")
+            r = ssh(proj, alias, NODE_ID_CMD)
             assert r.returncode == 0, r.stderr
             reached.add(r.stdout.strip())
         assert reached == ids, "each alias must reach its own node"

@@ -60,7 +60,12 @@ def test_a_spot_interruption_keeps_the_checkpoint_and_resume_finishes_on_a_new_n
     hand (apply the same spec, fit --resume latest) continues from the saved step on a new node."""
     cluster.inv("apply", "--spot", "--yes", timeout=400)
     (node,) = cluster.workspace().sandbox.nodes()
-    assert node.imds_port and node.spot_pid  # the node's metadata service and its spot poller
+    assert node.imds_port  # the node's metadata service
+    if node.mode == "container":  # its spot poller: the boot script's own service on a booted node
+        active = cluster.ssh("rf-test-0", "systemctl is-active remotefit-spot.service")
+        assert active.stdout.strip() == "active", active.stdout + active.stderr
+    else:
+        assert node.spot_pid
     toml = 'sync_every = 1\n[env]\nPAUSE = "0.25"\nSTEPS = "2000"\n'
     job = make_job(tmp_path, "spotty", {"train.py": COUNTS, "job.toml": toml})
     first = run_id_of(cluster.inv("fit", str(job), "--detach", timeout=120).stderr)
@@ -82,7 +87,10 @@ def test_a_spot_interruption_keeps_the_checkpoint_and_resume_finishes_on_a_new_n
             break
         assert time.monotonic() < deadline, row
         time.sleep(2)
-    assert not Path(node.workdir).exists()
+    if node.mode == "container":  # its root disk went with the instance
+        assert not (cluster.sandbox / "nodes" / node.instance_id / "disk").exists()
+    else:
+        assert not Path(node.workdir).exists()
 
     cluster.inv("apply", "--spot", "--yes", timeout=400)
     (again,) = cluster.workspace().sandbox.nodes()

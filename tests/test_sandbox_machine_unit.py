@@ -90,3 +90,94 @@ def test_node_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(sandbox_machine, "available", lambda: None)
     assert sb.node_mode()[0] == "container"
     assert sb.caller_cidr() == "172.31.0.1/32"  # the bridge's gateway: where a node sees our ssh from
+
+
+def test_sandboxes_on_one_machine_claim_different_address_slices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REMOTEFIT_SANDBOX_SLOTS", str(tmp_path / "slots"))
+    in_use: set[int] = set()  # slices whose first address answers on the bridge (a machine left behind)
+    monkeypatch.setattr(sandbox_machine, "_slice_in_use", lambda n: n in in_use)
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    assert [sandbox_machine.claim_slot(a), sandbox_machine.claim_slot(b)] == [1, 2]
+    assert sandbox_machine.claim_slot(a) == 1  # its own again (a restarted server replays the same addresses)
+    sandbox_machine.release_slot(a)
+    assert sandbox_machine.claim_slot(c) == 1  # freed by `sandbox.down`
+    # A claim whose sandbox folder is gone (a deleted project) is taken over, never held for ever.
+    import shutil
+
+    shutil.rmtree(b)
+    assert sandbox_machine.claim_slot(a) == 2
+    for n in range(3, sandbox_machine.SLOTS + 1):
+        d = tmp_path / f"s{n}"
+        d.mkdir()
+        assert sandbox_machine.claim_slot(d) == n
+    full = tmp_path / "one-too-many"
+    full.mkdir()
+    with pytest.raises(UserError, match="sandbox.down") as exc:
+        sandbox_machine.claim_slot(full)
+    assert "\n" not in str(exc.value)
+    # A claim past its grace whose sandbox runs no moto server (a killed run's) is taken over.
+    import os
+    import time
+
+    old = time.time() - sandbox_machine.SLOT_GRACE_S - 1
+    os.utime(tmp_path / "slots" / "7", (old, old))
+    os.utime(tmp_path / "slots" / "8", (old, old))
+    in_use.add(7)  # ...unless a machine still answers at its first address: then the next such claim
+    assert sandbox_machine.claim_slot(full) == 8
+
+
+def test_a_sliced_moto_gives_private_ips_from_its_slice() -> None:
+    import boto3
+    from moto import mock_aws
+    from moto.ec2.models.subnets import Subnet
+
+    from remotefit import sandbox_moto
+
+    original = Subnet.get_available_subnet_ip
+    try:
+        sandbox_moto.slice_private_ips(2 * sandbox_machine.SLOT_SIZE)
+        with mock_aws():
+            ec2 = boto3.client("ec2", region_name="us-east-1")
+            subnet = ec2.describe_subnets(Filters=[{"Name": "availability-zone", "Values": ["us-east-1a"]}])
+            sid = subnet["Subnets"][0]["SubnetId"]
+            image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+            out = ec2.run_instances(ImageId=image, MinCount=2, MaxCount=2, SubnetId=sid)
+            ips = sorted(i["PrivateIpAddress"] for i in out["Instances"])
+    finally:
+        Subnet.get_available_subnet_ip = original  # type: ignore[method-assign]
+    assert ips == ["172.31.2.4", "172.31.2.5"]
+
+
+def test_superseded_images_are_pruned_unless_a_node_sits_on_one(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    current, old, other_variant = (
+        images / n for n in ("debian-bookworm-cpu-new", "debian-bookworm-cpu-old", "debian-bookworm-dl-x")
+    )
+    for d in (current, old, other_variant):
+        d.mkdir(parents=True)
+        d.with_name(d.name + ".log").write_text("log")
+    assert sandbox_image.prune_images(current) == [old]
+    assert not old.exists() and not old.with_name(old.name + ".log").exists()
+    assert current.exists() and other_variant.exists()
+    mounts = f"overlay /n/root overlay rw,lowerdir={old},upperdir=/n/disk/upper,workdir=/n/disk/work 0 0\n"
+    assert sandbox_image.in_use(old, mounts) and not sandbox_image.in_use(current, mounts)
+
+
+def test_a_jobs_requirements_are_fetched_once_and_a_bad_one_is_one_line(tmp_path: Path) -> None:
+    import hashlib
+
+    req = tmp_path / "job" / "requirements.txt"
+    req.parent.mkdir()
+    req.write_text("remotefit-no-such-package-anywhere==9.9\n")
+    with pytest.raises(UserError) as exc:
+        sandbox_image.wheels_for(req, tmp_path / "cache")
+    msg = str(exc.value)
+    assert "\n" not in msg and str(req) in msg and "REMOTEFIT_SANDBOX_NODES=loopback" in msg, msg
+    # Fetched once per content of the file: with its stamp there, no pip runs at all.
+    house = tmp_path / "cache" / "wheelhouse"
+    (house / (".downloaded-req-" + hashlib.sha256(req.read_bytes()).hexdigest()[:12])).write_text("")
+    assert sandbox_image.wheels_for(req, tmp_path / "cache") == house

@@ -221,6 +221,8 @@ def sync(
         ts = transports(ws, all_nodes[: nodes or len(all_nodes)])
     for t in ts:
         t.before_sync(contract.job_dir(t.node.workdir, job.name))
+    if ws is not None and job.requirements:
+        ws.provide_requirements(job.path / job.requirements)
     local = local_fingerprint(job)
 
     def one(t: Transport) -> Synced:
