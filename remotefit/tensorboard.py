@@ -84,7 +84,7 @@ def start(ws: Workspace | None, t: Transport, p: Plan, run_id: str) -> None:
         echo(f"tensorboard: could not start it on {t.node.alias}: {(res.stderr or '').strip()[-200:]}")
         return
     note = f"serving {p.logdir}; it answers once the job's venv is ready, and stops when the run ends"
-    if t.local or ws is None:
+    if ws is None or not t.needs_tunnel():
         echo(f"tensorboard: http://127.0.0.1:{port}/ ({note})")
         return
     from remotefit import tunnel
@@ -103,7 +103,7 @@ def start(ws: Workspace | None, t: Transport, p: Plan, run_id: str) -> None:
 
 def stop(ws: Workspace | None, t: Transport, run_id: str) -> None:
     """After the run: close its tunnel (TensorBoard on the node has stopped with the run)."""
-    if ws is None or t.local:
+    if ws is None or not t.needs_tunnel():
         return
     from remotefit import tunnel
 

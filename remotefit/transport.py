@@ -94,6 +94,10 @@ class Transport:
         next reader): GNU head never reads past -c on a Linux node."""
         return f"head -c {size}"
 
+    def needs_tunnel(self) -> bool:
+        """Whether a port a job listens on over there is reached from here only through a tunnel."""
+        return True
+
     def tools_python(self) -> str:
         """The shell word for the Python that runs node-side tools (the fetcher): the node's tool venv."""
         return f'"${{{contract.TOOLS_PYTHON_ENV}:-{contract.TOOLS_PYTHON}}}"'
@@ -208,6 +212,9 @@ class LocalTransport(Transport):
     def read_exact(self, size: int) -> str:
         # This machine may be a Mac, whose head reads ahead: dd reads byte by byte (a few ms slower).
         return f"dd bs=1 count={size} 2>/dev/null"
+
+    def needs_tunnel(self) -> bool:
+        return False  # the job runs on this machine: its ports are here
 
     def tools_python(self) -> str:
         return shlex.quote(sys.executable)
