@@ -8,7 +8,8 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,17 @@ def interactive(argv: Sequence[str]) -> int:
     except FileNotFoundError:
         tool = Path(argv[0]).name
         raise UserError(f"{tool} not found on PATH; {_INSTALL_HINTS.get(tool, 'install it')}") from None
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (made if missing) for the block: keeps two processes of this machine
+    apart (image builds, wheelhouse downloads, address-slice claims)."""
+    import fcntl
+
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:

@@ -18,7 +18,6 @@ Each node boots a copy-on-write overlay of this folder (sandbox_machine.py); the
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 from remotefit.errors import UserError
+from remotefit.proc import locked
 
 SUITE = "bookworm"
 MIRROR_ENV = "REMOTEFIT_DEBIAN_MIRROR"
@@ -217,8 +217,7 @@ def ensure_image(cache: Path | None = None, echo: bool = True, variant: str = "c
     base = ensure_image(cache, echo, "cpu") if variant == "dl" else None  # before the lock: it takes it too
     img = image_dir(cache, variant)
     img.parent.mkdir(parents=True, exist_ok=True)
-    with open(img.parent / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(img.parent / ".build.lock"):
         if ready(cache, variant):
             return img
         if shutil.which("debootstrap") is None:
@@ -291,19 +290,30 @@ def wheelhouse(cache: Path | None = None, *extra: str) -> Path:
     """Wheels the nodes install from (read-only at WHEELS_MOUNT), fetched once per set of requirements from
     this machine's package index: the tool venv's boto3, plus `extra` (the dl image's torch and numpy)."""
     house = (cache or cache_dir()) / "wheelhouse"
-    house.mkdir(parents=True, exist_ok=True)
     wanted = (*WHEELHOUSE_REQUIREMENTS, *extra, *(["numpy"] if extra else []))
-    stamp = house / (".downloaded-" + hashlib.sha256(" ".join(wanted).encode()).hexdigest()[:12])
-    if stamp.exists():
-        return house
-    argv = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--only-binary=:all:"]
-    argv += ["-d", str(house), *wanted]
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=1200)  # noqa: S603
-    if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"could not fill the sandbox's wheelhouse {house} ({' '.join(wanted)}): {last}")
-    stamp.write_text("")
+    key = hashlib.sha256(" ".join(wanted).encode()).hexdigest()[:12]
+    failed = _download(house, key, ["--only-binary=:all:", *wanted])
+    if failed:
+        raise UserError(f"could not fill the sandbox's wheelhouse {house} ({' '.join(wanted)}): {failed}")
     return house
+
+
+def _download(house: Path, key: str, args: list[str], cwd: Path | None = None) -> str | None:
+    """`pip download ARGS` into the wheelhouse once per key (a stamp file), under a lock: two sandboxes
+    may fill it at once. None when done, else pip's last line."""
+    house.mkdir(parents=True, exist_ok=True)
+    stamp = house / f".downloaded-{key}"
+    if stamp.exists():
+        return None
+    with locked(house / ".download.lock"):
+        if stamp.exists():
+            return None
+        argv = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "-d", str(house), *args]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=1200, cwd=cwd)  # noqa: S603
+        if res.returncode != 0:
+            return (res.stderr.strip().splitlines() or ["no output"])[-1]
+        stamp.write_text("")
+    return None
 
 
 def wheels_for(requirements: Path, cache: Path | None = None) -> Path:
@@ -311,26 +321,15 @@ def wheels_for(requirements: Path, cache: Path | None = None) -> Path:
     route out (a real node reaches PyPI; this machine reaches its package index, so it fetches for them);
     done once per content of the requirements file."""
     house = (cache or cache_dir()) / "wheelhouse"
-    house.mkdir(parents=True, exist_ok=True)
     try:
         text = requirements.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {requirements}: {exc.strerror}") from None
-    stamp = house / (".downloaded-req-" + hashlib.sha256(text).hexdigest()[:12])
-    if stamp.exists():
-        return house
-    with open(house / ".download.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two sandboxes filling the same folder at once
-        if stamp.exists():
-            return house
-        argv = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check"]
-        argv += ["--find-links", str(house), "-d", str(house), "-r", str(requirements)]
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=1200, cwd=requirements.parent)  # noqa: S603
-        if res.returncode != 0:
-            last = (res.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(
-                f"{requirements}: could not fetch its packages for the sandbox's container nodes, which install "
-                f"only from {house} ({last}); fix the file, or use loopback nodes (REMOTEFIT_SANDBOX_NODES=loopback)"
-            )
-        stamp.write_text("")
+    key = "req-" + hashlib.sha256(text).hexdigest()[:12]
+    failed = _download(house, key, ["--find-links", str(house), "-r", str(requirements)], cwd=requirements.parent)
+    if failed:
+        raise UserError(
+            f"{requirements}: could not fetch its packages for the sandbox's container nodes, which install "
+            f"only from {house} ({failed}); fix the file, or use loopback nodes (REMOTEFIT_SANDBOX_NODES=loopback)"
+        )
     return house

@@ -242,14 +242,11 @@ def _serving(sandbox_dir: Path) -> bool:
 
 def claim_slot(owner: Path) -> int:
     """This sandbox's address slice: the one it held before if it is still free, else the first free one."""
-    import fcntl
-
-    from remotefit.proc import atomic_write
+    from remotefit.proc import atomic_write, locked
 
     reg = slot_registry()
     reg.mkdir(parents=True, exist_ok=True)
-    with (reg / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two sandboxes starting at once must not take the same slice
+    with locked(reg / ".lock"):  # two sandboxes starting at once must not take the same slice
         had = _slot_of(owner)
         for n in ([had] if had else []) + list(range(1, SLOTS + 1)):
             try:
