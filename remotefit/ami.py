@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from remotefit.errors import UserError
+from remotefit.errors import UserError, aws_error_code
 
 # GPU nodes: an AWS Deep Learning AMI line (NVIDIA driver, CUDA and PyTorch preinstalled: nothing heavy
 # happens at boot), chosen by `gpu_image` in invoke.yaml (config.Defaults) and resolved through AWS's
@@ -71,7 +71,7 @@ class SsmAmiResolver:
         try:
             value = self.ssm.get_parameter(Name=name)["Parameter"]["Value"]
         except (ClientError, BotoCoreError) as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            code = aws_error_code(exc)
             if code == "ParameterNotFound" and profile == "gpu":
                 raise UserError(
                     f"invoke.yaml: remotefit.gpu_image={self.gpu_image!r}: AWS publishes no image line of that "

@@ -27,3 +27,10 @@ def did_you_mean(word: str, known: Iterable[str], fallback: str, cutoff: float =
 
     close = difflib.get_close_matches(word, list(known), n=1, cutoff=cutoff)
     return f"did you mean {close[0]}?" if close else fallback
+
+
+def aws_error_code(exc: BaseException) -> str:
+    """The AWS error code of a botocore error ("" when there is none). A connection dropped mid-request
+    (botocore's ConnectionClosedError) carries `response = None`, not a missing attribute."""
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", "") or "")

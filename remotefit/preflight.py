@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from remotefit.cost import Market, family_letters, instance_info, known_types
-from remotefit.errors import UserError
+from remotefit.errors import UserError, aws_error_code
 
 # boto3 clients, typed loosely so that importing this needs neither boto3 nor stub packages.
 EC2Client = Any
@@ -47,10 +47,6 @@ def _region(client: Any) -> str:
     return str(getattr(getattr(client, "meta", None), "region_name", None) or "this region")
 
 
-def _error_code(exc: Exception) -> str:
-    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-
-
 def suggest_type(instance_type: str) -> str | None:
     """The closest instance type in the price table, or None if nothing is close."""
     close = difflib.get_close_matches(instance_type.strip().lower(), known_types(), n=1, cutoff=0.4)
@@ -66,7 +62,7 @@ def check_instance_type(ec2: EC2Client, instance_type: str, flag: str = "--insta
     except ClientError as e:
         # InvalidInstanceType for a well-formed unknown name, InvalidParameterValue for a malformed one;
         # anything else (auth, throttling) is not the user's typo, so let it through.
-        if _error_code(e) not in ("InvalidInstanceType", "InvalidParameterValue"):
+        if aws_error_code(e) not in ("InvalidInstanceType", "InvalidParameterValue"):
             raise
         found = []
     if found:

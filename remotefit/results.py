@@ -20,7 +20,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from remotefit.errors import UserError
+from remotefit.errors import UserError, aws_error_code
 from remotefit.proc import atomic_write
 
 RECORD = "record.json"
@@ -62,7 +62,7 @@ class RunsBucket:
         self.s3, self.bucket, self.stage = s3, bucket, stage
 
     def _error(self, exc: Exception, action: str) -> UserError:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        code = aws_error_code(exc)
         if code in ("NoSuchBucket", "404"):
             return UserError(f"the runs bucket {self.bucket} does not exist: run `inv backend` to create it")
         if code in ("AccessDenied", "403", "AllAccessDisabled"):

@@ -299,3 +299,13 @@ def test_launch_candidates_with_moto_offerings(ec2):
     got = preflight.launch_candidates("g5.xlarge", "spot", azs, ["g6.xlarge"], True)
     assert len(got) == 2 * (len(azs["g5.xlarge"]) + len(azs["g6.xlarge"]))
     assert got[0] == Candidate("g5.xlarge", "spot", azs["g5.xlarge"][0])
+
+
+def test_aws_error_code_of_a_dropped_connection_is_empty() -> None:
+    from botocore.exceptions import ClientError, ConnectionClosedError
+
+    from remotefit.errors import aws_error_code
+
+    assert aws_error_code(ConnectionClosedError(endpoint_url="http://127.0.0.1:9")) == ""  # response is None
+    assert aws_error_code(ValueError("no response at all")) == ""
+    assert aws_error_code(ClientError({"Error": {"Code": "NoSuchBucket"}}, "HeadBucket")) == "NoSuchBucket"

@@ -63,13 +63,14 @@ def test_each_pass_sends_only_what_changed_and_never_follows_links(s3, tmp_path:
 class Flaky:
     """An S3 client whose uploads fail `fails` times first (the endpoint unreachable for a while)."""
 
-    def __init__(self, real, fails: int) -> None:
+    def __init__(self, real, fails: int, error: Exception | None = None) -> None:
         self.real, self.fails = real, fails
+        self.error = error or ConnectionError("Could not connect to the endpoint URL")
 
     def upload_file(self, *a, **kw):
         if self.fails > 0:
             self.fails -= 1
-            raise ConnectionError("Could not connect to the endpoint URL")
+            raise self.error
         return self.real.upload_file(*a, **kw)
 
 
@@ -82,6 +83,20 @@ def test_errors_are_retried_and_never_lose_a_file(s3, tmp_path: Path):
     assert files == 0 and len(errors) == 1 and "Could not connect" in errors[0]
     assert up.upload_pass(out, None, "log")[0] == 1
     assert keys(s3) == {f"{PREFIX}/outputs/a.txt": b"a"}
+
+
+def test_a_connection_dropped_mid_request_is_retried_too(s3, tmp_path: Path):
+    """What a booted sandbox node saw with S3 gone: its endpoint accepted and closed (botocore's
+    ConnectionClosedError, whose `response` is None); the uploader crashed reading its error code."""
+    from botocore.exceptions import ConnectionClosedError
+
+    out = tmp_path / "outputs"
+    out.mkdir()
+    (out / "a.txt").write_text("a")
+    up = uploader.Uploader(Flaky(s3, 1, ConnectionClosedError(endpoint_url="http://127.0.0.1:9/b/k")), BUCKET, PREFIX)
+    files, _size, errors = up.upload_pass(out, None, "log")
+    assert files == 0 and len(errors) == 1 and "Connection was closed" in errors[0], errors
+    assert up.upload_pass(out, None, "log")[0] == 1
 
 
 def test_the_loop_uploads_while_running_then_a_final_pass_on_the_stop_file(s3, tmp_path: Path):

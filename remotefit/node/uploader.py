@@ -68,7 +68,8 @@ def scan(
 
 def why(exc: Exception) -> str:
     """S3's error code when there is one (boto3's upload errors wrap it in a long message), else the text."""
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+    # (a connection dropped mid-request, botocore's ConnectionClosedError, has `response = None`)
+    code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
     found = re.search(r"An error occurred \((\w+)\)", str(exc))
     return str(code or (found.group(1) if found else " ".join(str(exc).split())[:200]))
 
