@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from remotefit.errors import UserError
-from remotefit.proc import locked
+from remotefit.proc import atomic_write, locked
 
 SUITE = "bookworm"
 MIRROR_ENV = "REMOTEFIT_DEBIAN_MIRROR"
@@ -325,8 +325,16 @@ def wheels_for(requirements: Path, cache: Path | None = None) -> Path:
         text = requirements.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {requirements}: {exc.strerror}") from None
-    key = "req-" + hashlib.sha256(text).hexdigest()[:12]
-    failed = _download(house, key, ["--find-links", str(house), "-r", str(requirements)], cwd=requirements.parent)
+    # For torch the wheelhouse offers this machine's own build (a CPU one): from PyPI, a range like
+    # `torch>=2.1` takes a multi-GB CUDA build that a CPU node cannot use and that its pip would then install.
+    pins = "".join(f"{pin}\n" for pin in [torch_requirement()] if pin)
+    key = "req-" + hashlib.sha256(text + pins.encode()).hexdigest()[:12]
+    args = ["--find-links", str(house), "-r", str(requirements)]
+    if pins:
+        house.mkdir(parents=True, exist_ok=True)
+        atomic_write(house / f".constraints-{key}.txt", pins)
+        args += ["-c", str(house / f".constraints-{key}.txt")]
+    failed = _download(house, key, args, cwd=requirements.parent)
     if failed:
         raise UserError(
             f"{requirements}: could not fetch its packages for the sandbox's container nodes, which install "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,13 +77,13 @@ def test_the_image_recipe_names_its_folder() -> None:
 
 def test_node_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     sb = Sandbox(tmp_path)
-    monkeypatch.delenv("REMOTEFIT_SANDBOX_NODES", raising=False)
-    assert sb.node_mode()[0] == "loopback"
+    monkeypatch.setenv("REMOTEFIT_SANDBOX_NODES", "loopback")
+    assert sb.node_mode() == ("loopback", "REMOTEFIT_SANDBOX_NODES=loopback")
     monkeypatch.setenv("REMOTEFIT_SANDBOX_NODES", "vm")
     with pytest.raises(UserError, match="is not one of loopback, container, auto"):
         sb.node_mode()
     monkeypatch.setattr(sandbox_machine, "available", lambda: "container nodes need root")
-    monkeypatch.setenv("REMOTEFIT_SANDBOX_NODES", "auto")
+    monkeypatch.delenv("REMOTEFIT_SANDBOX_NODES")  # auto, the default: said out loud where it falls back
     assert sb.node_mode() == ("loopback", "fallback: container nodes need root")
     monkeypatch.setenv("REMOTEFIT_SANDBOX_NODES", "container")
     with pytest.raises(UserError, match="container nodes need root; or set REMOTEFIT_SANDBOX_NODES=loopback"):
@@ -167,7 +168,9 @@ def test_superseded_images_are_pruned_unless_a_node_sits_on_one(tmp_path: Path) 
     assert sandbox_image.in_use(old, mounts) and not sandbox_image.in_use(current, mounts)
 
 
-def test_a_jobs_requirements_are_fetched_once_and_a_bad_one_is_one_line(tmp_path: Path) -> None:
+def test_a_jobs_requirements_are_fetched_once_and_a_bad_one_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import hashlib
 
     req = tmp_path / "job" / "requirements.txt"
@@ -179,5 +182,30 @@ def test_a_jobs_requirements_are_fetched_once_and_a_bad_one_is_one_line(tmp_path
     assert "\n" not in msg and str(req) in msg and "REMOTEFIT_SANDBOX_NODES=loopback" in msg, msg
     # Fetched once per content of the file: with its stamp there, no pip runs at all.
     house = tmp_path / "cache" / "wheelhouse"
+    monkeypatch.setattr(sandbox_image, "torch_requirement", lambda: None)  # (no PyTorch here: no pin)
     (house / (".downloaded-req-" + hashlib.sha256(req.read_bytes()).hexdigest()[:12])).write_text("")
     assert sandbox_image.wheels_for(req, tmp_path / "cache") == house
+
+
+def test_a_jobs_torch_is_this_machines_build_in_the_wheelhouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`torch>=2.1` from PyPI is a multi-GB CUDA build; a CPU node gets this machine's CPU build instead."""
+    req = tmp_path / "job" / "requirements.txt"
+    req.parent.mkdir()
+    req.write_text("torch>=2.1\nnumpy\n")
+    monkeypatch.setattr(sandbox_image, "torch_requirement", lambda: "torch==2.13.0+cpu")
+    ran: list[list[str]] = []
+
+    def pip(argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        ran.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(sandbox_image.subprocess, "run", pip)
+    house = sandbox_image.wheels_for(req, tmp_path / "cache")
+    (argv,) = ran
+    constraints = Path(argv[argv.index("-c") + 1])
+    assert constraints.parent == house and constraints.read_text() == "torch==2.13.0+cpu\n"
+    assert argv[argv.index("-r") + 1] == str(req)
+    # Another PyTorch on this machine is another download (the stamp's key holds the pin).
+    monkeypatch.setattr(sandbox_image, "torch_requirement", lambda: "torch==2.14.1")
+    sandbox_image.wheels_for(req, tmp_path / "cache")
+    assert len(ran) == 2
