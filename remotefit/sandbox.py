@@ -33,7 +33,7 @@ from remotefit.ssh import ssh_close_argv
 SANDBOX_REGION_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 SSHD = "/usr/sbin/sshd"
 MOTO_SEED = 20260101  # any fixed number: the same seed and requests give the same IDs
-NODES_ENV = "REMOTEFIT_SANDBOX_NODES"  # loopback (default) | container | auto
+NODES_ENV = "REMOTEFIT_SANDBOX_NODES"  # auto (default) | container | loopback
 NODE_MODES = ("loopback", "container", "auto")
 
 
@@ -143,11 +143,11 @@ class Sandbox:
 
     def node_mode(self) -> tuple[str, str]:
         """(mode, why) for new nodes: "container" (sandbox_machine: booted Debian nodes) or "loopback"
-        (an sshd on this machine). $REMOTEFIT_SANDBOX_NODES picks; `auto` takes containers where they can
-        run and says why not where they cannot."""
+        (an sshd on this machine). $REMOTEFIT_SANDBOX_NODES picks; `auto`, the default, takes containers
+        where they can run and says why not where they cannot."""
         from remotefit import sandbox_machine
 
-        wanted = os.environ.get(NODES_ENV, "loopback").strip() or "loopback"
+        wanted = os.environ.get(NODES_ENV, "auto").strip() or "auto"
         if wanted not in NODE_MODES:
             raise UserError(f"{NODES_ENV}={wanted!r} is not one of {', '.join(NODE_MODES)}")
         if wanted == "loopback":

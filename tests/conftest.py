@@ -4,7 +4,9 @@ so they never touch a developer's sandbox, and each gets its own moto server and
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -82,6 +84,28 @@ def require_root(request: pytest.FixtureRequest, why: str) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requires(*tools): needs these tools; strict under CI like e2e")
     config.addinivalue_line("markers", "fault: an injected fault (tests/test_e2e_faults.py), counted apart")
+
+
+# The heaviest files first (each takes minutes on booted nodes on 2 cores). xdist deals whole files to its
+# workers in collection order (--no-loadscope-reorder in pyproject.toml): a heavy file dealt last would be a
+# tail the other workers wait out, and its own reorder puts the files with the most tests (unit tests) first.
+HEAVY_FIRST = (
+    "test_e2e_spot.py",
+    "test_e2e_container.py",
+    "test_e2e_nodes.py",
+    "test_demo.py",
+    "test_e2e_durable.py",
+    "test_e2e_jobs.py",
+    "test_e2e_policy_coverage.py",
+    "test_e2e_faults.py",
+    "test_e2e_promises.py",
+    "test_e2e_everyday.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests stay in order
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -233,7 +257,7 @@ NODE_ID_CMD = 'echo "${REMOTEFIT_NODE:-$(cat /var/lib/cloud/data/instance-id 2>/
 
 def containers(p: Project) -> bool:
     """Whether this project's new sandbox nodes are booted containers (REMOTEFIT_SANDBOX_NODES)."""
-    return p.env.get("REMOTEFIT_SANDBOX_NODES", "loopback") in ("container", "auto") and _can_boot()
+    return p.env.get("REMOTEFIT_SANDBOX_NODES", "auto") in ("container", "auto") and _can_boot()
 
 
 def _can_boot() -> bool:
@@ -247,6 +271,71 @@ def loopback_nodes(p: Project) -> Project:
     watchdog on this machine's /proc); the container file shows the same on booted nodes."""
     p.env["REMOTEFIT_SANDBOX_NODES"] = "loopback"
     return p
+
+
+def node_record(p: Project, index: int = 0) -> dict:
+    """Node `index` as the project's inventory (generated/nodes.json) records it."""
+    return json.loads((p.generated / "nodes.json").read_text())["nodes"][index]
+
+
+def booted(p: Project, index: int = 0) -> bool:
+    """Whether node `index` is a booted container (its own disk, processes and address), not a loopback sshd."""
+    f = p.sandbox / "nodes" / node_record(p, index)["instance_id"] / "node.json"
+    return f.exists() and json.loads(f.read_text()).get("mode") == "container"
+
+
+def on_node(p: Project, path: str | Path, index: int = 0) -> Path:
+    """Where node `index`'s file `path` is seen from this machine: the path itself on a loopback node (it
+    shares this machine's disk); under its root disk, mounted here, on a booted node. Not for the node's
+    /tmp, a tmpfs of its own: make files there with `touch_on_node`."""
+    if not booted(p, index):
+        return Path(path)
+    return p.sandbox / "nodes" / node_record(p, index)["instance_id"] / "root" / str(path).lstrip("/")
+
+
+def touch_on_node(p: Project, path: str | Path, index: int = 0) -> None:
+    """Create the empty file `path` (and its folders) on node `index` over ssh, as the job's user would: the
+    gate a test's job waits for, wherever that node keeps its files."""
+    q = shlex.quote(str(path))
+    res = p.ssh(node_record(p, index)["alias"], f"mkdir -p $(dirname {q}) && touch {q}")
+    assert res.returncode == 0, res.stderr
+
+
+WATCHDOG = ROOT / "remotefit" / "node" / "watchdog.py"
+
+
+def watchdog_config(p: Project, index: int = 0) -> dict:
+    """Node `index`'s watchdog configuration, as its watchdog reads it."""
+    n = node_record(p, index)
+    if booted(p, index):  # written by the node's own user data
+        res = p.ssh(n["alias"], "cat /etc/remotefit/watchdog.json")
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+    return json.loads((p.sandbox / "nodes" / n["instance_id"] / "watchdog.json").read_text())
+
+
+def watchdog_tick(
+    p: Project, now: float, *, idle_since: float | None = None, index: int = 0
+) -> subprocess.CompletedProcess[str]:
+    """One tick of node `index`'s own watchdog, with its own configuration, its clock at `now`: on this
+    machine for a loopback node, as root over ssh on a booted one (where the shutdown it runs ends the node,
+    and may end the ssh session before the last line). With `idle_since`, it sees an empty /proc (no live
+    run, and the test's own ssh session is no user) and an idle clock started then."""
+    with_state = json.dumps({"first_tick": idle_since}) if idle_since is not None else "{}"
+    if booted(p, index):
+        tmp, argv = "/var/tmp/remotefit-tick", ["python3", "/opt/remotefit/watchdog.py"]
+        argv += ["--config", "/etc/remotefit/watchdog.json"]
+    else:
+        tmp, argv = tempfile.mkdtemp(prefix="remotefit-tick-"), [sys.executable, str(WATCHDOG)]
+        argv += ["--config", str(p.sandbox / "nodes" / node_record(p, index)["instance_id"] / "watchdog.json")]
+    argv += ["--state", f"{tmp}/state.json", "--imds-timeout", "2"]
+    if idle_since is not None:
+        argv += ["--proc", f"{tmp}/proc"]
+    script = f"mkdir -p {tmp}/proc && echo {shlex.quote(with_state)} > {tmp}/state.json && "
+    script += f"REMOTEFIT_FAKE_NOW={now} exec {shlex.join(argv)}"
+    if booted(p, index):
+        return p.ssh(node_record(p, index)["alias"], f"sudo sh -c {shlex.quote(script)}", timeout=300)
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=300)
 
 
 def make_project(
@@ -266,8 +355,9 @@ def make_project(
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
         }
     )
-    # Which kind of sandbox node the suite runs on is the machine's choice, not the project's: CI runs the
-    # whole suite on booted container nodes (REMOTEFIT_SANDBOX_NODES=container), a laptop on loopback ones.
+    # Which kind of sandbox node the suite runs on is the machine's choice, not the project's: booted
+    # containers where this machine can boot them (auto, the default), loopback sshds elsewhere; CI sets
+    # REMOTEFIT_SANDBOX_NODES=container, so nothing falls back unseen there.
     for machine_wide in ("REMOTEFIT_SANDBOX_NODES", "REMOTEFIT_CACHE", "REMOTEFIT_SANDBOX_SLOTS"):
         if os.environ.get(machine_wide):
             env[machine_wide] = os.environ[machine_wide]

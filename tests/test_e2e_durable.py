@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Project
+from tests.conftest import Project, booted, on_node, touch_on_node, watchdog_config, watchdog_tick
 from tests.test_e2e_faults import make_job, one_error_line, run_id_of, workdir
 
 pytestmark = pytest.mark.e2e
@@ -88,7 +88,7 @@ def test_results_kept_while_running_and_pulled_alike_after_destroy(cluster: Proj
     mid = wait_keys(cluster, prefix, {"outputs/ckpt/model.bin", "logs/node-0.log", "record.json"})
     assert b"checkpoint written" in mid["logs/node-0.log"] and "status/node-0.json" not in mid
     assert json.loads(mid["record.json"])["run_id"] == run_id
-    gate.touch()
+    touch_on_node(cluster, gate)
     assert cluster.inv("logs", "--run", run_id, "--follow", check=False, timeout=120).returncode == 3
     # Finished: its final status came last, after every result.
     end = bucket_keys(cluster, prefix)
@@ -144,35 +144,42 @@ while True:
 def test_the_deadline_ends_a_training_run_after_its_checkpoint_is_in_the_bucket(cluster: Project, tmp_path: Path):
     """--max-hours is hard, but no result is lost to it: the watchdog SIGTERMs the run, waits for its final
     upload, and only then terminates the node."""
-    import os
-    import subprocess
-    import sys
-
     cluster.inv("apply", "--yes", timeout=300)  # the test before destroyed the stage
     job = make_job(tmp_path, "deadline", {"train.py": CHECKPOINTS_ON_TERM})
     run_id = run_id_of(cluster.inv("fit", str(job), "--detach", timeout=120).stderr)
     prefix = f"test/deadline/{run_id}/"
     wait_keys(cluster, prefix, {"logs/node-0.log", "record.json"})
-    (node,) = cluster.workspace().sandbox.nodes()
-    cfg_file = cluster.sandbox / "nodes" / node.instance_id / "watchdog.json"
-    cfg = json.loads(cfg_file.read_text())
+    cfg = watchdog_config(cluster)
     assert cfg["deadline_epoch"], cfg  # apply's --max-hours reached the node
-    # One tick with the clock past the deadline (the node's real /proc: the run is live).
-    argv = [sys.executable, str(Path(__file__).parents[1] / "remotefit" / "node" / "watchdog.py")]
-    argv += ["--config", str(cfg_file), "--state", str(tmp_path / "state.json"), "--imds-timeout", "0.2"]
-    env = {**os.environ, "REMOTEFIT_FAKE_NOW": str(cfg["deadline_epoch"] + 1)}
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=True).stdout
-    assert "action=shutdown decision=deadline" in out, out
+    # One tick of the node's own watchdog with its clock past the deadline (the node's real /proc: the run is
+    # live).
+    was_booted = booted(cluster)
+    tick = watchdog_tick(cluster, cfg["deadline_epoch"] + 1)
+    out = tick.stdout
+    assert "action=shutdown decision=deadline" in out, out + tick.stderr
     assert f"run {run_id} ended and its final upload is done" in out, out
-    assert out.index("final upload is done") < out.index("shutdown command ran"), out
-    status = cluster.inv("status", timeout=120).stdout
-    assert " terminated " in next(x for x in status.splitlines() if x.startswith("rf-test-0")), status
+    if "shutdown command ran" in out:
+        assert out.index("final upload is done") < out.index("shutdown command ran"), out
+    else:  # a booted node's shutdown may take the ssh session (and the tick's last line) with it
+        assert was_booted and tick.returncode == 255, out + tick.stderr
+    wait_terminated(cluster)
     # The node is gone; its checkpoint and the run's end are not.
     cluster.inv("pull", "--run", run_id, timeout=120)
     run = cluster.runs / "deadline" / run_id
     assert (run / "last.ckpt").read_bytes() == b"step 41" * 10_000  # outputs land in the run folder
     assert json.loads((run / "run.json").read_text())["exit_code"] == 143
     assert "checkpointed on SIGTERM" in (run / "log").read_text()
+
+
+def wait_terminated(p: Project, timeout: float = 120) -> None:
+    """Until `inv status` says rf-test-0 is terminated (a booted node takes a few seconds to power off)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = p.inv("status", timeout=120).stdout
+        if " terminated " in next(x for x in status.splitlines() if x.startswith("rf-test-0")):
+            return
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
 
 
 # Counts steps into its outputs, resuming from the count there; on SIGTERM it saves the count and exits 143.
@@ -275,20 +282,23 @@ def test_the_runs_bucket_unreachable_for_a_while_mid_run(cluster: Project, tmp_p
     wait_keys(cluster, prefix, {"outputs/before.bin", "logs/node-0.log"})
     moto = json.loads((cluster.sandbox / "moto.json").read_text())
     os.kill(moto["pid"], signal.SIGKILL)
-    upload_log = Path(workdir(cluster)) / "runs" / run_id / "upload.log"
+    upload_log = on_node(cluster, Path(workdir(cluster)) / "runs" / run_id / "upload.log")
     deadline = time.monotonic() + 120  # boto3's own retries (5 attempts, backoff) come first
     while "will retry" not in upload_log.read_text():  # the passes fail while S3 is gone...
         assert time.monotonic() < deadline, upload_log.read_text()
         time.sleep(0.5)
-    assert (Path(workdir(cluster)) / "active.json").exists()  # ...and the job trains on
-    gate.touch()  # it ends while S3 is still away: the final pass retries
+    assert on_node(cluster, Path(workdir(cluster)) / "active.json").exists()  # ...and the job trains on
+    touch_on_node(cluster, gate)  # it ends while S3 is still away: the final pass retries
     time.sleep(3)
     cluster.inv("sandbox.up", timeout=300)
     assert cluster.inv("logs", "--run", run_id, "--follow", timeout=300).returncode == 0
     kept = bucket_keys(cluster, prefix)
     assert {"outputs/before.bin", "outputs/after.bin", "status/node-0.json"} <= set(kept), sorted(kept)
-    node_run = Path(workdir(cluster)) / "runs" / run_id
-    assert kept["outputs/after.bin"] == (Path(workdir(cluster)) / "outputs" / run_id / "after.bin").read_bytes()
+    node_run = on_node(cluster, Path(workdir(cluster)) / "runs" / run_id)
+    assert (
+        kept["outputs/after.bin"]
+        == on_node(cluster, Path(workdir(cluster)) / "outputs" / run_id / "after.bin").read_bytes()
+    )
     assert kept["logs/node-0.log"] == (node_run / "log").read_bytes()  # the whole log, ticks and all
     assert json.loads((node_run / "upload.json").read_text())["complete"] is True
 
@@ -308,33 +318,28 @@ def resnet_copy(tmp_path: Path) -> Path:
 def test_a_detached_resnet_run_outlives_its_idle_node(cluster: Project, tmp_path: Path):
     """Start it, close the laptop: the run finishes, the node idle-terminates itself, and `inv pull` brings
     the model, curves, summary, metrics, log and run.json from the runs bucket, the same bytes the node had."""
-    import os
-    import subprocess
-    import sys
 
     cluster.inv("apply", "--yes", timeout=400)
     job = resnet_copy(tmp_path)
     args = ["--data", "digits", "--width", "8", "--image-size", "16", "--batch-size", "64", "--epochs", "2"]
     run_id = run_id_of(cluster.inv("fit", str(job), "--detach", "--", *args, timeout=300).stderr)
     assert cluster.inv("logs", "--run", run_id, "--follow", timeout=600).returncode == 0
-    (node,) = cluster.workspace().sandbox.nodes()
-    cfg_file = cluster.sandbox / "nodes" / node.instance_id / "watchdog.json"
-    cfg = json.loads(cfg_file.read_text())
-    # One tick as the idle timeout passes (an empty /proc: the host's own ssh sessions are not this node's).
-    (tmp_path / "proc").mkdir()
-    argv = [sys.executable, str(Path(__file__).parents[1] / "remotefit" / "node" / "watchdog.py"), "--config"]
-    argv += [str(cfg_file), "--proc", str(tmp_path / "proc"), "--state", str(tmp_path / "state.json")]
-    env = {**os.environ, "REMOTEFIT_FAKE_NOW": str(cfg["started_epoch"] + cfg["idle_minutes"] * 60 + 1)}
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=True).stdout
-    assert "action=shutdown decision=idle" in out and "shutdown command ran" in out, out
-    row = next(x for x in cluster.inv("status", timeout=120).stdout.splitlines() if x.startswith("rf-test-0"))
-    assert " terminated " in row, row
+    # What the node holds, read before it ends (a booted node's disk goes with it, as an EBS root volume does).
+    base = Path(workdir(cluster))
+    names = ("checkpoint.pt", "curves.png", "summary.json", "metrics.jsonl")
+    had = {name: on_node(cluster, base / "outputs" / run_id / name).read_bytes() for name in names}
+    had["log"] = on_node(cluster, base / "runs" / run_id / "log").read_bytes()
+    # One tick as the idle timeout passes: the node's own watchdog, its idle clock started at its start.
+    cfg = watchdog_config(cluster)
+    started = cfg.get("started_epoch") or time.time()  # (a booted node's watchdog counts from its boot)
+    tick = watchdog_tick(cluster, started + cfg["idle_minutes"] * 60 + 1, idle_since=started)
+    assert "action=shutdown decision=idle" in tick.stdout, tick.stdout + tick.stderr
+    wait_terminated(cluster)
     cluster.inv("pull", "--run", run_id, timeout=300)
     pulled = cluster.runs / "resnet" / run_id
-    on_node = Path(node.workdir) / "outputs" / run_id  # (a sandbox node's folder outlives it: compare)
-    for name in ("checkpoint.pt", "curves.png", "summary.json", "metrics.jsonl"):
-        assert (pulled / name).read_bytes() == (on_node / name).read_bytes(), name
-    assert (pulled / "log").read_bytes() == (Path(node.workdir) / "runs" / run_id / "log").read_bytes()
+    for name in names:
+        assert (pulled / name).read_bytes() == had[name], name
+    assert (pulled / "log").read_bytes() == had["log"]
     info = json.loads((pulled / "run.json").read_text())
     assert info["exit_code"] == 0 and info["final"] is True
 

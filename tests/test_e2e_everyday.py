@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Project
+from tests.conftest import Project, booted, node_record, on_node, touch_on_node
 
 pytestmark = pytest.mark.e2e
 DATA_BUCKET = "rf-e2e-data"  # the node role may read it (`apply --data-bucket`)
@@ -56,11 +56,14 @@ def test_a_tunnel_reaches_a_server_the_job_started_and_closes_cleanly(node: Proj
     p.inv("fit", str(job), "--cmd", f"python3 -m http.server {port} --bind 127.0.0.1", "--detach")
 
     res = p.inv("tunnel", str(port), "--wait", "60")
-    # A sandbox node shares this machine's loopback, so the server holds PORT here too: the tunnel must take
-    # the next free port and say so — and the page must then come through the tunnel, not directly.
-    assert f"local port {port} is in use; using" in res.stdout
     url = re.search(r"tunnel open: (http://127\.0\.0\.1:(\d+)/) -> rf-test-0:(\d+)", res.stdout)
-    assert url and int(url[3]) == port and int(url[2]) != port, res.stdout
+    assert url and int(url[3]) == port, res.stdout
+    if booted(p):  # the server listens on the node's own loopback: PORT is free here, and the tunnel takes it
+        assert int(url[2]) == port, res.stdout
+    else:
+        # A loopback node shares this machine's loopback, so the server holds PORT here too: the tunnel must
+        # take the next free port and say so — and the page must then come through the tunnel, not directly.
+        assert f"local port {port} is in use; using" in res.stdout and int(url[2]) != port, res.stdout
     assert get(url[1]) == "hello through the tunnel\n"
 
     listed = p.inv("tunnel.list").stdout
@@ -99,7 +102,6 @@ def test_no_nodes_no_tunnel(tmp_path: Path) -> None:
 # -- secrets forwarded from this machine's environment ------------------------------------------
 def test_pass_env_reaches_the_job_and_is_written_down_nowhere(node: Project, tmp_path: Path) -> None:
     import hashlib
-    import json
     import secrets
 
     p = node
@@ -170,10 +172,13 @@ def s3_data(node: Project):
 
 
 @pytest.fixture
-def web(tmp_path: Path):
+def web(node: Project, tmp_path: Path):
+    """A web server on this machine, at the address the node reaches it at (the SSH rule's source)."""
     import functools
     import http.server
     import threading
+
+    from remotefit.sandbox import Sandbox
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
@@ -181,9 +186,10 @@ def web(tmp_path: Path):
 
     root = tmp_path / "www"
     root.mkdir()
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    here = Sandbox(node.sandbox).caller_cidr().split("/")[0]
+    srv = http.server.ThreadingHTTPServer((here, 0), functools.partial(Quiet, directory=str(root)))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{srv.server_address[1]}"
+    yield root, f"http://{here}:{srv.server_address[1]}"
     srv.shutdown()
 
 
@@ -225,8 +231,7 @@ def test_s3_data_is_fetched_once_into_the_node_cache_and_again_when_changed(
     assert f"fetch: data/many: fetched 1 of {DATA_FILES} files, 3000 bytes" in third.stderr, third.stderr
     assert f"bytes {total - DATA_SIZE + 3000} sha" in third.stdout
     # One cache for the node, outside the job and run folders: a pulled run carries no data.
-    node_dir = json.loads((p.generated / "nodes.json").read_text())["nodes"][0]["workdir"]
-    cache = Path(node_dir) / "data-cache"
+    cache = on_node(p, Path(node_record(p)["workdir"]) / "data-cache")
     assert len(list((cache / "s3" / DATA_BUCKET / "sets" / "many").iterdir())) == DATA_FILES
     for run in (p.runs / "reader").iterdir():
         assert not any(f.suffix == ".bin" for f in run.rglob("*"))
@@ -335,10 +340,12 @@ def fake_tensorboard_wheel(folder: Path) -> str:
     return name
 
 
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+def port_open_on_node(p: Project, port: int) -> bool:
+    """Whether something listens on the node's loopback port (asked on the node, its loopback or ours)."""
+    probe = f"import socket; s = socket.socket(); s.settimeout(1); exit(s.connect_ex(('127.0.0.1', {port})))"
+    res = p.ssh("rf-test-0", f'python3 -c "{probe}"')
+    assert res.returncode != 255, res.stderr  # (ssh's own failure)
+    return res.returncode == 0
 
 
 def wait_for(check, what: str, timeout: float = 120) -> None:
@@ -370,18 +377,18 @@ def test_tensorboard_is_served_through_a_tunnel_and_stops_with_the_run_or_the_tu
     assert url, res.stderr
     wait_for(lambda: _answers(url[1]), "TensorBoard through the tunnel")
     assert get(url[1]) == f"fake tensorboard for {run_id}"  # the run's own outputs folder
-    stop.write_text("")  # the run ends: TensorBoard on the node stops with it
-    wait_for(lambda: not port_open(remote_port(run_id)), "TensorBoard stopping after the run", 30)
+    touch_on_node(p, stop)  # the run ends: TensorBoard on the node stops with it
+    wait_for(lambda: not port_open_on_node(p, remote_port(run_id)), "TensorBoard stopping after the run", 30)
     p.inv("tunnel.close")
 
-    stop.unlink()
+    assert p.ssh("rf-test-0", f"rm {stop}").returncode == 0
     res = p.inv("fit", str(job), "--detach", "--tensorboard")
     run_id = re.search(r"run (\S+) started on rf-test-0", res.stderr)[1]
     url = re.search(r"tensorboard: (http://127\.0\.0\.1:(\d+)/)", res.stderr)
     wait_for(lambda: _answers(url[1]), "TensorBoard through the tunnel")
     assert f"closed {url[1]}" in p.inv("tunnel.close", "--port", url[2]).stdout
-    wait_for(lambda: not port_open(remote_port(run_id)), "TensorBoard stopping on tunnel.close", 30)
-    stop.write_text("")
+    wait_for(lambda: not port_open_on_node(p, remote_port(run_id)), "TensorBoard stopping on tunnel.close", 30)
+    touch_on_node(p, stop)
     p.inv("logs", "--run", run_id, "--follow")
 
 

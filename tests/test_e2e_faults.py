@@ -3,7 +3,7 @@
 One module-scoped project with one node serves every test (one apply, destroyed at the end). Each test
 injects one fault (a killed ssh client, a killed `inv`, a hostile job.toml …) into the real chain and
 checks that the run, its results and the cloud state survive it, with one clear line for bad input.
-Jobs wait for a gate file (the sandbox node shares this machine's filesystem), never for a sleep.
+Jobs wait for a gate file, made on the node over ssh (`touch_on_node`), never for a sleep.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import INV, ROOT, Project
+from tests.conftest import INV, ROOT, Project, node_record, on_node, touch_on_node
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]  # counted as `N faults ran` in the closing line
 
@@ -119,7 +119,7 @@ def one_error_line(res: subprocess.CompletedProcess[str], *needles: str) -> str:
 
 
 def workdir(p: Project) -> str:
-    return json.loads((p.generated / "nodes.json").read_text())["nodes"][0]["workdir"]
+    return node_record(p)["workdir"]
 
 
 # -- 1. a killed ssh client is a lost connection, never the job's exit code --------------------
@@ -142,7 +142,7 @@ def test_killed_ssh_client_is_not_the_exit_code(cluster: Project, tmp_path: Path
             # The shared connection goes too: the stream ends and fit must reconnect, not report -9.
             subprocess.run(["ssh", "-F", str(cluster.generated / "ssh_config"), "-O", "exit", "rf-test-0"], check=False)
             wait_for(out.with_suffix(".err"), "reconnecting")
-        gate.touch()
+        touch_on_node(cluster, gate)
         assert proc.wait(timeout=120) == 7, out.with_suffix(".err").read_text()
         text, err = out.with_suffix(".out").read_text(), out.with_suffix(".err").read_text()
         assert text.count("waiting\n") == 1 and "after the gate" in text, text
@@ -161,7 +161,7 @@ def test_killed_inv_fit_then_logs_follow_and_pull_recover_the_run(cluster: Proje
     run_id = run_id_of((tmp_path / "a.err").read_text())
     os.killpg(proc.pid, signal.SIGKILL)  # inv and its ssh children, all at once
     proc.wait(timeout=30)
-    gate.touch()
+    touch_on_node(cluster, gate)
     res = cluster.inv("logs", "--run", run_id, "--follow", check=False, timeout=120)
     assert res.returncode == 4 and "waiting\nafter the gate\n" in res.stdout, res.stderr
     cluster.inv("pull", "--run", run_id, timeout=120)
@@ -173,7 +173,7 @@ def test_killed_inv_fit_then_logs_follow_and_pull_recover_the_run(cluster: Proje
 
 def test_pull_completes_an_incomplete_local_folder(cluster: Project, tmp_path: Path):
     gate = tmp_path / "gate"
-    gate.touch()
+    touch_on_node(cluster, gate)
     job = gated_job(tmp_path, "incomplete", gate, code=3)
     res = cluster.inv("fit", str(job), check=False, timeout=120)
     assert res.returncode == 3, res.stderr
@@ -205,12 +205,13 @@ def test_env_secrets_not_in_ps_and_no_env_file_left(cluster: Project, tmp_path: 
     )
     proc = start_bg(cluster, "fit", str(job), out=tmp_path / "a")
     wait_for(tmp_path / "a.out", "waiting")
-    # The sandbox node is this machine: one `ps` sees both sides' command lines.
+    # A sandbox node's processes (a loopback sshd's, or a container's) are this machine's too: one `ps`
+    # sees both sides' command lines.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     assert secret not in ps
-    rdir = Path(workdir(cluster)) / ".remotefit"
+    rdir = on_node(cluster, Path(workdir(cluster)) / ".remotefit")
     assert not list(rdir.glob("env-*.json")), list(rdir.iterdir())
-    gate.touch()
+    touch_on_node(cluster, gate)
     assert proc.wait(timeout=120) == 0, (tmp_path / "a.err").read_text()
     assert "token ok" in (tmp_path / "a.out").read_text()
     assert secret not in (tmp_path / "a.err").read_text()
@@ -234,7 +235,7 @@ def test_logs_of_a_running_job_with_invalid_utf8(cluster: Project, tmp_path: Pat
         time.sleep(0.2)
     assert res.returncode == 0 and b"Traceback" not in res.stderr, res.stderr
     assert b"bad \xff\xfe bytes\nwaiting\n" in res.stdout and b"still running" in res.stderr
-    gate.touch()
+    touch_on_node(cluster, gate)
     res = subprocess.run(
         [INV, "logs", "--run", run_id, "--follow"], cwd=ROOT, env=cluster.env, capture_output=True, timeout=120
     )
@@ -244,9 +245,10 @@ def test_logs_of_a_running_job_with_invalid_utf8(cluster: Project, tmp_path: Pat
 # -- hostile inputs: one line, non-zero, nothing written or touched ----------------------------
 def test_hostile_inputs_are_one_line_and_change_nothing(cluster: Project, tmp_path: Path):
     base = workdir(cluster)
-    other = Path(base) / "jobs" / "victim"
-    other.mkdir(parents=True, exist_ok=True)
-    (other / "keep.txt").write_text("mine")
+    # Another job's folder on the node, made there as its user would.
+    mine = cluster.ssh("rf-test-0", f"mkdir -p {base}/jobs/victim && printf mine > {base}/jobs/victim/keep.txt")
+    assert mine.returncode == 0, mine.stderr
+    other = on_node(cluster, Path(base) / "jobs" / "victim")
     outside = tmp_path / "outside"
     outside.mkdir()
     cases = [
@@ -261,7 +263,7 @@ def test_hostile_inputs_are_one_line_and_change_nothing(cluster: Project, tmp_pa
     evil = make_job(tmp_path, "evil\nvictim", {"train.py": ""})
     one_error_line(cluster.inv("fit", str(evil), check=False), "job folder name", "rename")
     one_error_line(cluster.inv("sync", str(evil), check=False), "job folder name", "rename")
-    assert not [n for n in os.listdir(Path(base) / "jobs") if "evil" in n or "\n" in n]
+    assert not [n for n in os.listdir(on_node(cluster, Path(base) / "jobs")) if "evil" in n or "\n" in n]
     # 7. run ids that are paths, binary bytes in aws_env_vars
     for task in ("logs", "pull", "cancel"):
         one_error_line(cluster.inv(task, "--run", "../node_vars", check=False), "--run '../node_vars'", "not a run id")
@@ -300,7 +302,7 @@ def test_moto_killed_mid_session_state_and_nodes_come_back(cluster: Project, tmp
     job = gated_job(tmp_path, "motokill", gate, code=5)
     res = cluster.inv("fit", str(job), "--detach", timeout=120)
     run_id = run_id_of(res.stderr)
-    instance = json.loads((cluster.generated / "nodes.json").read_text())["nodes"][0]["instance_id"]
+    instance = node_record(cluster)["instance_id"]
     moto = json.loads((cluster.sandbox / "moto.json").read_text())
     os.kill(moto["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -310,14 +312,14 @@ def test_moto_killed_mid_session_state_and_nodes_come_back(cluster: Project, tmp
     st = cluster.inv("sandbox.status", timeout=60)
     node_line = next(x for x in st.stdout.splitlines() if x.startswith(f"{instance} "))
     assert "moto server: not running" in st.stdout and " up " in node_line, st.stdout
-    assert (Path(workdir(cluster)) / "active.json").exists()  # the job still runs
+    assert on_node(cluster, Path(workdir(cluster)) / "active.json").exists()  # the job still runs
     up = cluster.inv("sandbox.up", timeout=300)
     assert "restored the previous server's state" in up.stderr and instance in up.stderr, up.stderr
     # Back at its old address, as AWS's endpoints never move: what the node was told still reaches it.
     assert json.loads((cluster.sandbox / "moto.json").read_text())["port"] == moto["port"]
     status = cluster.inv("status", timeout=120).stdout
     assert instance in status and "running" in status, status
-    gate.touch()
+    touch_on_node(cluster, gate)
     res = cluster.inv("logs", "--run", run_id, "--follow", check=False, timeout=120)
     assert res.returncode == 5 and "after the gate" in res.stdout, res.stderr
     assert "ok" in cluster.inv("fit", str(make_job(tmp_path, "after", {"train.py": "print('ok')"})), timeout=120).stdout
