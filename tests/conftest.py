@@ -357,7 +357,7 @@ def make_project(
     )
     # Which kind of sandbox node the suite runs on is the machine's choice, not the project's: booted
     # containers where this machine can boot them (auto, the default), loopback sshds elsewhere; CI sets
-    # REMOTEFIT_SANDBOX_NODES=container, so nothing falls back unseen there.
+    # REMOTEFIT_SANDBOX_NODES explicitly and checks the report's last line.
     for machine_wide in ("REMOTEFIT_SANDBOX_NODES", "REMOTEFIT_CACHE", "REMOTEFIT_SANDBOX_SLOTS"):
         if os.environ.get(machine_wide):
             env[machine_wide] = os.environ[machine_wide]
