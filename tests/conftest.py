@@ -358,10 +358,15 @@ def make_project(
     # Which kind of sandbox node the suite runs on is the machine's choice, not the project's: booted
     # containers where this machine can boot them (auto, the default), loopback sshds elsewhere; CI sets
     # REMOTEFIT_SANDBOX_NODES explicitly and checks the report's last line.
-    for machine_wide in ("REMOTEFIT_SANDBOX_NODES", "REMOTEFIT_CACHE", "REMOTEFIT_SANDBOX_SLOTS"):
-        if os.environ.get(machine_wide):
-            env[machine_wide] = os.environ[machine_wide]
+    env.update(machine_wide())
     return Project(base, env)
+
+
+def machine_wide() -> dict[str, str]:
+    """The settings of this machine, not of a project, that every test project keeps: which kind of sandbox
+    node runs (REMOTEFIT_SANDBOX_NODES), the image cache, the address-slice registry."""
+    names = ("REMOTEFIT_SANDBOX_NODES", "REMOTEFIT_CACHE", "REMOTEFIT_SANDBOX_SLOTS")
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Project, make_project, requires
+from tests.conftest import ROOT, Project, machine_wide, make_project, requires
 
 pytestmark = pytest.mark.e2e
 
@@ -73,6 +73,7 @@ def proj(tmp_path_factory: pytest.TempPathFactory):
         k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "REMOTEFIT_", "TARGET", "STAGE", "TF_STATE"))
     }
     env["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    env.update(machine_wide())  # the kind of sandbox node this run chose (CI: REMOTEFIT_SANDBOX_NODES)
     env["XDG_DATA_HOME"] = str(base.parent / "xdg data")  # a user's setting, spaced too; not the tester's home
     p = SpacedProject(base, env)
     yield p
@@ -295,7 +296,12 @@ def test_stop_is_refused_for_spot_nodes(proj: SpacedProject, applied) -> None:
 
 
 def test_inv_ssh_runs_what_it_is_given(proj: SpacedProject, applied) -> None:
-    res = proj.inv("ssh", check=False, input='echo "node=$REMOTEFIT_NODE"\nexit 7\n', timeout=60)
+    res = proj.inv(
+        "ssh",
+        check=False,
+        input='echo "node=${REMOTEFIT_NODE:-$(cat /var/lib/cloud/data/instance-id 2>/dev/null)}"\nexit 7\n',
+        timeout=60,
+    )
     assert res.returncode == 7, res.stdout + res.stderr
     assert f"node={proj.node()['instance_id']}" in res.stdout.splitlines()
     line = error_line(proj.inv("ssh", "--node", "1", check=False))
