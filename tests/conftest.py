@@ -322,19 +322,20 @@ def watchdog_tick(
     and may end the ssh session before the last line). With `idle_since`, it sees an empty /proc (no live
     run, and the test's own ssh session is no user) and an idle clock started then."""
     with_state = json.dumps({"first_tick": idle_since}) if idle_since is not None else "{}"
-    if booted(p, index):
+    node, on_booted = node_record(p, index), booted(p, index)  # (read once: the tick may end the node)
+    if on_booted:
         tmp, argv = "/var/tmp/remotefit-tick", ["python3", "/opt/remotefit/watchdog.py"]
         argv += ["--config", "/etc/remotefit/watchdog.json"]
     else:
         tmp, argv = tempfile.mkdtemp(prefix="remotefit-tick-"), [sys.executable, str(WATCHDOG)]
-        argv += ["--config", str(p.sandbox / "nodes" / node_record(p, index)["instance_id"] / "watchdog.json")]
+        argv += ["--config", str(p.sandbox / "nodes" / node["instance_id"] / "watchdog.json")]
     argv += ["--state", f"{tmp}/state.json", "--imds-timeout", "2"]
     if idle_since is not None:
         argv += ["--proc", f"{tmp}/proc"]
     script = f"mkdir -p {tmp}/proc && echo {shlex.quote(with_state)} > {tmp}/state.json && "
     script += f"REMOTEFIT_FAKE_NOW={now} exec {shlex.join(argv)}"
-    if booted(p, index):
-        return p.ssh(node_record(p, index)["alias"], f"sudo sh -c {shlex.quote(script)}", timeout=300)
+    if on_booted:
+        return p.ssh(node["alias"], f"sudo sh -c {shlex.quote(script)}", timeout=300)
     return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=300)
 
 
