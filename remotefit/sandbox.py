@@ -23,8 +23,8 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
+from remotefit import sandbox_moto
 from remotefit.errors import UserError
 from remotefit.node import NODE_DIR, contract
 from remotefit.proc import atomic_write, echo, run, spawn_daemon
@@ -264,7 +264,7 @@ class Sandbox:
             _post(f"{srv.endpoint}/moto-api/seed?a={MOTO_SEED + slot}")
             return ""
         lines = replay(self.recording, srv.endpoint)
-        _post(f"{srv.endpoint}{READY_PATH}")  # the replay is whole: serve the nodes' clients again
+        _post(f"{srv.endpoint}{sandbox_moto.READY_PATH}")  # the replay is whole: serve the nodes' clients again
         adopted = [n.instance_id for n in self.nodes() if n.alive() and self._repoint_watchdog(n, srv.endpoint)]
         return f"; restored the previous server's state ({lines} recorded requests)" + (
             f", re-adopted node(s) {', '.join(adopted)}" if adopted else ""
@@ -368,34 +368,13 @@ class Sandbox:
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         user = _user()
-        last = "no output"
-        for _attempt in range(3):  # a free port can be taken by another process before sshd binds it
-            port = free_port()
-            config = sshd_config_text(
-                port,
-                host_key,
-                d / "authorized_keys",
-                d / "sshd.pid",
-                user,
-                instance_id,
-                boot,
-                imds[1] if imds else None,
-            )
-            atomic_write(d / "sshd_config", config, mode=0o600)
-            proc = spawn_daemon([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log")
-            deadline = time.monotonic() + 30
-            while proc.poll() is None and not _port_open(port) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if proc.poll() is None and _port_open(port):
-                break
-            stop_pid(proc.pid, "sshd")
-            tail = (d / "sshd.log").read_text(errors="replace").strip().splitlines()[-1:]
-            last = tail[0] if tail else "no output"
-        else:
+        try:
+            port, pid = self._spawn_sshd(d, instance_id, user, boot, imds[1] if imds else None)
+        except UserError:
             if imds:
                 stop_pid(imds[0], "sandbox_imds")
-            raise UserError(f"sandbox sshd for {instance_id} did not start: {last}")
-        node = SandboxNode(instance_id=instance_id, port=port, pid=proc.pid, user=user, workdir=str(home / "remotefit"))
+            raise
+        node = SandboxNode(instance_id=instance_id, port=port, pid=pid, user=user, workdir=str(home / "remotefit"))
         if imds:
             node.imds_pid, node.imds_port = imds
         if endpoint:  # only once the node is reachable: a failed start leaves no watchdog looping
@@ -403,6 +382,28 @@ class Sandbox:
             node.spot_pid = self._spawn_spot_poll(d, node)
         atomic_write(d / "node.json", json.dumps(asdict(node)))
         return node
+
+    @staticmethod
+    def _spawn_sshd(d: Path, instance_id: str, user: str, boot: Path, imds_port: int | None) -> tuple[int, int]:
+        """A loopback node's sshd on a free port: (port, pid) once it listens."""
+        last = "no output"
+        for _attempt in range(3):  # a free port can be taken by another process before sshd binds it
+            port = free_port()
+            config = sshd_config_text(
+                port, host_key=d / "ssh_host_ed25519_key", authorized=d / "authorized_keys",
+                pidfile=d / "sshd.pid", user=user, node=instance_id, boot=boot, imds_port=imds_port,
+            )  # fmt: skip
+            atomic_write(d / "sshd_config", config, mode=0o600)
+            proc = spawn_daemon([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log")
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and not _port_open(port) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if proc.poll() is None and _port_open(port):
+                return port, proc.pid
+            stop_pid(proc.pid, "sshd")
+            tail = (d / "sshd.log").read_text(errors="replace").strip().splitlines()[-1:]
+            last = tail[0] if tail else "no output"
+        raise UserError(f"sandbox sshd for {instance_id} did not start: {last}")
 
     @staticmethod
     def boot(d: Path) -> Path:
@@ -736,7 +737,7 @@ def replay(recording: Path, endpoint: str) -> int:
                 for k, v in entry.get("headers", {}).items()
                 if k.lower() not in ("transfer-encoding", "host", "expect")
             }
-            headers[RESTORE_HEADER] = "restore"  # through the held server's gate
+            headers[sandbox_moto.RESTORE_HEADER] = "restore"  # through the held server's gate
             # requests, as moto's own replay uses: urllib would add a form Content-Type to bodies that
             # have none, and the server would then read them as a form (seen: lost S3 bodies).
             requests.request(entry["method"], url, headers=headers, data=body, timeout=60)
@@ -781,83 +782,21 @@ def _boto_creds() -> dict[str, str]:
     }
 
 
-RESTORE_HEADER = "x-remotefit-sandbox"  # on the laptop's replay requests: they pass a held server's gate
-READY_PATH = "/remotefit-sandbox/ready"  # opens the gate once the replay is done
-
-
 def serve_moto(port: int, hold: bool = False, ip_slot: int = 0) -> None:
-    """moto's own server, but handling one request at a time: its recorder then logs requests in
-    the order they drew IDs from the seeded generator, and a replay rebuilds the same IDs (with
-    Terraform's parallel requests interleaving, it would not).
-
-    With `hold` (a server that is to be restored), every request but the replay's and moto's control
-    calls is answered 503 (as AWS answers when it cannot serve now: every SDK retries it) until the replay
-    is done: a node's uploader must never see the empty world of a half-restored server (a NoSuchBucket
-    is final for it), nor slip a request in between the replayed ones."""
-    import threading
-    from collections import OrderedDict
-
+    """moto's own server, with its fixes, answering one request at a time (sandbox_moto.Serial: a replay
+    of its recorder's log rebuilds the same IDs), and with `hold` gated until a restore's replay is done
+    (sandbox_moto.RestoreGate)."""
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import run_simple
 
     from remotefit.sandbox_machine import SLOT_SIZE
-    from remotefit.sandbox_moto import apply_fixes, slice_private_ips
+    from remotefit.sandbox_moto import RestoreGate, Serial, apply_fixes, slice_private_ips
 
     apply_fixes()  # moto bugs that make it answer unlike AWS (see sandbox_moto.py)
     if ip_slot:
         slice_private_ips(ip_slot * SLOT_SIZE)
-    app = DomainDispatcherApplication(create_backend_app)
-    lock = threading.Lock()
-    answered: OrderedDict[str, tuple[str, list[Any], list[bytes]]] = OrderedDict()
-
-    gate = threading.Event()
-    if not hold:
-        gate.set()
-
-    def serial(environ: Any, start_response: Any) -> Any:
-        if not gate.is_set():
-            path = environ.get("PATH_INFO", "")
-            if path == READY_PATH:
-                gate.set()
-                print("sandbox: restored; serving every client again", flush=True)
-                start_response("200 OK", [("Content-Type", "text/plain")])
-                return [b"ready"]
-            if not (environ.get("HTTP_X_REMOTEFIT_SANDBOX") == "restore" or path.startswith("/moto-api/")):
-                body = b"<Error><Code>ServiceUnavailable</Code><Message>sandbox restoring its state</Message></Error>"
-                start_response("503 Service Unavailable", [("Content-Type", "application/xml"), ("Retry-After", "1")])
-                return [body]
-        return _serial(environ, start_response)
-
-    def _serial(environ: Any, start_response: Any) -> Any:
-        # An SDK retry of a call this server already carried out (its answer lost on a loaded machine) gets
-        # that answer again instead of running twice: a second AddRoleToInstanceProfile, say, would fail with
-        # LimitExceeded and fail the apply for a sandbox hiccup. Both SDKs mark retries (amz-sdk-request:
-        # attempt=N) and keep one amz-sdk-invocation-id across the attempts of one call.
-        call = environ.get("HTTP_AMZ_SDK_INVOCATION_ID", "")
-        retry = re.search(r"attempt=([2-9]|\d\d)", environ.get("HTTP_AMZ_SDK_REQUEST", ""))
-        with lock:
-            if call and retry and call in answered:
-                status, headers, body = answered[call]
-                print(
-                    f"sandbox: {environ.get('REQUEST_METHOD')} retry of call {call} answered as before ({status})",
-                    flush=True,
-                )
-                start_response(status, headers)
-                return body
-            seen: dict[str, Any] = {}
-
-            def keep(status: str, headers: list[Any], exc_info: Any = None) -> Any:
-                seen.update(status=status, headers=headers)
-                return start_response(status, headers, exc_info)
-
-            body = list(app(environ, keep))
-            if call and str(seen.get("status", "")).startswith("2"):
-                answered[call] = (seen["status"], seen["headers"], body)
-                while len(answered) > 256:  # retries come within seconds; a few hundred calls is plenty
-                    answered.popitem(last=False)
-            return body
-
-    run_simple("127.0.0.1", port, serial, threaded=True, request_handler=MotoRequestHandler)
+    app = RestoreGate(Serial(DomainDispatcherApplication(create_backend_app)), hold=hold)
+    run_simple("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
 
 
 def main(argv: list[str] | None = None) -> int:

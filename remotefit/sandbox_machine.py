@@ -420,7 +420,7 @@ def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region:
     """Boot the instance as a container (its kept disk, if it was stopped) and wait for its sshd; a node
     that does not boot in time is powered off and its disk deleted, and the error shows its console."""
     from remotefit import sandbox_image
-    from remotefit.proc import atomic_write, echo, spawn_daemon
+    from remotefit.proc import atomic_write, spawn_daemon
     from remotefit.sandbox import SandboxNode, pid_alive
 
     old = sb.node(instance_id)
@@ -466,20 +466,29 @@ def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region:
         host=ip,
     )
     atomic_write(d / "node.json", json.dumps(asdict(node)))
-    timeout = float(os.environ.get(BOOT_TIMEOUT_ENV) or DEFAULT_BOOT_TIMEOUT)
-    if not wait_ssh(ip, proc.pid, timeout):
-        tail = console_tail(d)
-        sb.stop_node(node)
-        echo(
-            f"sandbox node {instance_id}: its console's last lines:\n"
-            + "\n".join(f"  | {x}" for x in tail.splitlines())
-        )
-        raise UserError(
-            f"sandbox node {instance_id} ({ip}) did not boot to SSH within {timeout:g} s (its console is above; "
-            f"{BOOT_TIMEOUT_ENV} sets the limit); it was powered off, and `inv destroy` removes the rest"
-        )
-    echo(f"sandbox: {instance_id} booted to SSH at {ip} in {time.monotonic() - t0:.1f} s (container)")
+    _wait_booted(sb, node, d, t0)
     return node
+
+
+def _wait_booted(sb: Sandbox, node: SandboxNode, d: Path, t0: float) -> None:
+    """Wait for the node's sshd; one that does not answer in time is powered off (its disk deleted) and the
+    error shows its console's last lines."""
+    from remotefit.proc import echo
+
+    timeout = float(os.environ.get(BOOT_TIMEOUT_ENV) or DEFAULT_BOOT_TIMEOUT)
+    if wait_ssh(node.host, node.pid, timeout):
+        echo(f"sandbox: {node.instance_id} booted to SSH at {node.host} in {time.monotonic() - t0:.1f} s (container)")
+        return
+    tail = console_tail(d)
+    sb.stop_node(node)
+    echo(
+        f"sandbox node {node.instance_id}: its console's last lines:\n"
+        + "\n".join(f"  | {x}" for x in tail.splitlines())
+    )
+    raise UserError(
+        f"sandbox node {node.instance_id} ({node.host}) did not boot to SSH within {timeout:g} s (its console is "
+        f"above; {BOOT_TIMEOUT_ENV} sets the limit); it was powered off, and `inv destroy` removes the rest"
+    )
 
 
 # -- the supervisor (runs as its own daemon per node) ----------------------------------------

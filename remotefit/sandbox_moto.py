@@ -8,7 +8,83 @@ lenient than AWS.
 
 from __future__ import annotations
 
+import re
+import threading
+from collections import OrderedDict
 from typing import Any
+
+RESTORE_HEADER = "x-remotefit-sandbox"  # on the laptop's replay requests: they pass a held server's gate
+READY_PATH = "/remotefit-sandbox/ready"  # opens the gate once the replay is done
+
+
+class RestoreGate:
+    """WSGI: with `hold` (a server that is to be restored), every request but the replay's and moto's
+    control calls is answered 503 (as AWS answers when it cannot serve now: every SDK retries it) until
+    READY_PATH is posted: a node's uploader must never see the empty world of a half-restored server (a
+    NoSuchBucket is final for it), nor slip a request in between the replayed ones."""
+
+    def __init__(self, app: Any, hold: bool) -> None:
+        self.app = app
+        self.open = threading.Event()
+        if not hold:
+            self.open.set()
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        if not self.open.is_set():
+            path = environ.get("PATH_INFO", "")
+            if path == READY_PATH:
+                self.open.set()
+                print("sandbox: restored; serving every client again", flush=True)
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ready"]
+            if not (environ.get("HTTP_X_REMOTEFIT_SANDBOX") == "restore" or path.startswith("/moto-api/")):
+                body = b"<Error><Code>ServiceUnavailable</Code><Message>sandbox restoring its state</Message></Error>"
+                start_response("503 Service Unavailable", [("Content-Type", "application/xml"), ("Retry-After", "1")])
+                return [body]
+        return self.app(environ, start_response)
+
+
+class Serial:
+    """WSGI: one request at a time, so moto's recorder logs requests in the order they drew IDs from the
+    seeded generator and a replay rebuilds the same IDs (with Terraform's parallel requests interleaving, it
+    would not).
+
+    An SDK retry of a call already carried out (its answer lost on a loaded machine) gets that answer again
+    instead of running twice: a second AddRoleToInstanceProfile, say, would fail with LimitExceeded and fail
+    the apply for a sandbox hiccup. Both SDKs mark retries (amz-sdk-request: attempt=N) and keep one
+    amz-sdk-invocation-id across the attempts of one call."""
+
+    KEEP = 256  # retries come within seconds; a few hundred calls is plenty
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.lock = threading.Lock()
+        self.answered: OrderedDict[str, tuple[str, list[Any], list[bytes]]] = OrderedDict()
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        call = environ.get("HTTP_AMZ_SDK_INVOCATION_ID", "")
+        retry = re.search(r"attempt=([2-9]|\d\d)", environ.get("HTTP_AMZ_SDK_REQUEST", ""))
+        with self.lock:
+            if call and retry and call in self.answered:
+                status, headers, body = self.answered[call]
+                print(
+                    f"sandbox: {environ.get('REQUEST_METHOD')} retry of call {call} answered as before ({status})",
+                    flush=True,
+                )
+                start_response(status, headers)
+                return body
+            seen: dict[str, Any] = {}
+
+            def keep(status: str, headers: list[Any], exc_info: Any = None) -> Any:
+                seen.update(status=status, headers=headers)
+                return start_response(status, headers, exc_info)
+
+            body = list(self.app(environ, keep))
+            if call and str(seen.get("status", "")).startswith("2"):
+                self.answered[call] = (seen["status"], seen["headers"], body)
+                while len(self.answered) > self.KEEP:
+                    self.answered.popitem(last=False)
+            return body
 
 
 def fix_modify_instance_attribute() -> None:

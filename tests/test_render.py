@@ -344,3 +344,19 @@ def test_a_failed_run_is_a_terraform_error_with_its_kind_and_the_same_line():
     assert err.message == (
         f"terraform apply failed: {summarize_error(LOCKED, 'gen/tf')} (full output: gen/tf/last-apply.log)"
     )
+
+
+def test_terraform_and_its_provider_run_with_a_lazier_gc_unless_the_user_set_one(tmp_path, monkeypatch):
+    """The AWS provider builds its schema at every start; GOGC reaches it through Terraform's environment."""
+    from remotefit.proc import run
+    from remotefit.terraform import PROVIDER_GOGC
+
+    probe = tmp_path / "env-probe"
+    probe.write_text('#!/bin/sh\necho "GOGC=$GOGC"\n')
+    probe.chmod(0o755)
+    monkeypatch.delenv("GOGC", raising=False)
+    tf = Terraform(str(probe), tmp_path, {})
+    assert run([str(probe)], env=tf.env, capture=True).stdout.strip() == f"GOGC={PROVIDER_GOGC}"
+    monkeypatch.setenv("GOGC", "50")
+    tf = Terraform(str(probe), tmp_path, {})
+    assert run([str(probe)], env=tf.env, capture=True).stdout.strip() == "GOGC=50"

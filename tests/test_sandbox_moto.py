@@ -62,3 +62,26 @@ def test_moto_fixes_restore_what_aws_answers() -> None:
     # Without the fixes moto differs from AWS: if these gaps close upstream, the fixes can go.
     bare = run(False)
     assert bare["groups"] == [] and bare["shutdown"] == "stop" and bare["rule"] == [None], bare
+
+
+def test_a_held_server_answers_503_until_the_replay_says_ready() -> None:
+    """RestoreGate: while held, a node's client gets 503 + Retry-After (every SDK retries it); the replay's
+    requests (RESTORE_HEADER) and moto's control calls pass; READY_PATH opens the gate for everyone."""
+    from remotefit.sandbox_moto import READY_PATH, RestoreGate
+
+    def app(environ: dict, start_response) -> list[bytes]:  # noqa: ANN001 - WSGI
+        start_response("200 OK", [])
+        return [b"moto"]
+
+    def call(gate: RestoreGate, path: str = "/", **headers: str) -> tuple[str, bytes]:
+        seen: list[str] = []
+        body = b"".join(gate({"PATH_INFO": path, **headers}, lambda status, _h: seen.append(status)))
+        return seen[0], body
+
+    held = RestoreGate(app, hold=True)
+    assert call(held)[0].startswith("503")
+    assert call(held, HTTP_X_REMOTEFIT_SANDBOX="restore") == ("200 OK", b"moto")
+    assert call(held, "/moto-api/reset") == ("200 OK", b"moto")
+    assert call(held, READY_PATH) == ("200 OK", b"ready")
+    assert call(held) == ("200 OK", b"moto")
+    assert call(RestoreGate(app, hold=False)) == ("200 OK", b"moto")

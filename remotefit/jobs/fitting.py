@@ -153,17 +153,22 @@ def fit(
     codes = [code] + [_exit_of(st) for st in statuses[1:]]
     final = next((c for c in codes if c), 0)
     hit = [t.node for t, st in zip(r.ts, statuses, strict=True) if st.get("spot_notice")]
-    if hit and ws is not None and not local:
-        if _keep_interrupted(r, hit, codes, statuses, final, max_recoveries):
-            from remotefit import nodes as nd  # apply's machinery, loaded only when a node was reclaimed
-
-            nd.recover(ws, hit)
-            return fit(
-                ws, job, extra, gpu=gpu, cpu=cpu, nodes=nodes, cancel_on_interrupt=cancel_on_interrupt,
-                raise_interrupt=raise_interrupt, paths=r.paths, secrets=secrets, tensorboard_flag=tensorboard_flag,
-                resume=r.run_id, max_recoveries=max_recoveries - 1,
-            )  # fmt: skip
+    if not hit or ws is None or local:
+        return _finish(r, codes, statuses, final)
+    if not _keep_interrupted(r, hit, codes, statuses, final, max_recoveries):
         return final
+    from remotefit import nodes as nd  # apply's machinery, loaded only when a node was reclaimed
+
+    nd.recover(ws, hit)
+    return fit(
+        ws, job, extra, gpu=gpu, cpu=cpu, nodes=nodes, cancel_on_interrupt=cancel_on_interrupt,
+        raise_interrupt=raise_interrupt, paths=r.paths, secrets=secrets, tensorboard_flag=tensorboard_flag,
+        resume=r.run_id, max_recoveries=max_recoveries - 1,
+    )  # fmt: skip
+
+
+def _finish(r: _Run, codes: list[int], statuses: list[dict], final: int) -> int:
+    """Pull every rank's results home and say where they are (and where the bucket copy fell short)."""
     assert r.record is not None
     dest = pull_run(r.paths, r.record, r.ts, codes, statuses)
     echo(f"run {r.run_id} finished with exit code {final}; results in {dest}")

@@ -152,8 +152,8 @@ def s3_client(workers: int):
 
 
 def fetch_s3(client, entry: dict, cache: str, job_dir: str) -> None:
-    from botocore.exceptions import BotoCoreError, ClientError
-
+    """Bring an object or a prefix into the node's cache (only what changed since the last fetch, by
+    size and ETag; objects removed from a prefix leave it) and link it into the job folder."""
     url = entry["url"]
     bucket, _, key = url[5:].partition("/")
     root = os.path.join(cache, "s3", bucket)
@@ -161,6 +161,54 @@ def fetch_s3(client, entry: dict, cache: str, job_dir: str) -> None:
     manifest_path = os.path.join(root, ".manifest.json")
     manifest = read_json(manifest_path)
     is_prefix = key == "" or key.endswith("/")
+    listed = list_s3(client, url, bucket, key, is_prefix)
+
+    def path_of(k: str) -> str:
+        full = os.path.normpath(os.path.join(root, k))
+        if not full.startswith(root + os.sep):
+            raise FetchError(f"{url}: object key {k!r} leads out of the cache")
+        return full
+
+    todo = []
+    for k, info in sorted(listed.items()):
+        p = path_of(k)
+        have = manifest.get(k)
+        if have != info or not os.path.isfile(p) or os.path.getsize(p) != info["size"]:
+            todo.append((k, info, p))
+    total = sum(i["size"] for i in listed.values())
+    meter = Meter(entry["target"], len(todo), sum(i["size"] for _, i, _ in todo))
+    if todo:
+        say(f"fetch: {entry['target']}: {len(todo)} of {len(listed)} files to fetch ({human(meter.size)}) from {url}")
+    mlock = threading.Lock()
+
+    def get(item: tuple) -> None:
+        k, info, p = item
+        got, etag = download_s3_object(client, bucket, k, info, p, meter)
+        with mlock:
+            manifest[k] = {"size": got, "etag": etag}
+
+    try:
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            for _ in pool.map(get, todo):
+                pass
+    finally:
+        if todo:
+            write_json(manifest_path, manifest)  # what did arrive is not fetched again
+    gone = [k for k in manifest if k.startswith(key) and k not in listed] if is_prefix else []
+    for k in gone:  # a synced prefix: objects removed from S3 leave the cache too
+        with contextlib.suppress(OSError):
+            os.unlink(path_of(k))
+        del manifest[k]
+    if gone:
+        write_json(manifest_path, manifest)
+    say(meter.summary(len(listed), total))
+    link(job_dir, entry["target"], path_of(key.rstrip("/")) if key.rstrip("/") else root, cache)
+
+
+def list_s3(client, url: str, bucket: str, key: str, is_prefix: bool) -> dict:
+    """{key: {size, etag}} of the object (or the prefix's objects), every S3 error as one line."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         listed = {}
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
@@ -185,71 +233,39 @@ def fetch_s3(client, entry: dict, cache: str, job_dir: str) -> None:
         raise FetchError(f"{url}: {exc}") from None
     if not listed:
         raise FetchError(f"{url}: no objects there; check the bucket and prefix in job.toml [data]")
+    return listed
 
-    def path_of(k: str) -> str:
-        full = os.path.normpath(os.path.join(root, k))
-        if not full.startswith(root + os.sep):
-            raise FetchError(f"{url}: object key {k!r} leads out of the cache")
-        return full
 
-    todo = []
-    for k, info in sorted(listed.items()):
-        p = path_of(k)
-        have = manifest.get(k)
-        if have != info or not os.path.isfile(p) or os.path.getsize(p) != info["size"]:
-            todo.append((k, info, p))
-    total = sum(i["size"] for i in listed.values())
-    meter = Meter(entry["target"], len(todo), sum(i["size"] for _, i, _ in todo))
-    if todo:
-        say(f"fetch: {entry['target']}: {len(todo)} of {len(listed)} files to fetch ({human(meter.size)}) from {url}")
-    mlock = threading.Lock()
+def download_s3_object(client, bucket: str, k: str, info: dict, path: str, meter: Meter) -> tuple[int, str]:
+    """One object into `path`, whole or not at all (read-only: the job reads the cache through a
+    link and must not edit it); its (size, etag)."""
+    from botocore.exceptions import BotoCoreError, ClientError
 
-    def get(item: tuple) -> None:
-        k, info, p = item
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        tmp = f"{p}.part-{os.getpid()}-{threading.get_ident()}"
-        try:
-            if info["size"] > int(
-                os.environ.get("REMOTEFIT_FETCH_BIG") or BIG
-            ):  # ranged parts in parallel, retried: boto3's transfer manager
-                from boto3.s3.transfer import S3Transfer
-
-                S3Transfer(client).download_file(bucket, k, tmp, callback=meter.add)
-                etag = info["etag"]
-            else:
-                resp = client.get_object(Bucket=bucket, Key=k)
-                etag = resp["ETag"].strip('"')
-                with open(tmp, "wb") as f:
-                    for chunk in resp["Body"].iter_chunks(CHUNK):
-                        f.write(chunk)
-                        meter.add(len(chunk))
-            got = os.path.getsize(tmp)
-            os.chmod(tmp, 0o444)  # the job reads the cache through a link; it must not edit it
-            os.replace(tmp, p)
-        except (ClientError, BotoCoreError, OSError) as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise FetchError(f"s3://{bucket}/{k}: {exc}") from None
-        meter.add(0, file_done=True)
-        with mlock:
-            manifest[k] = {"size": got, "etag": etag}
-
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
     try:
-        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-            for _ in pool.map(get, todo):
-                pass
-    finally:
-        if todo:
-            write_json(manifest_path, manifest)  # what did arrive is not fetched again
-    gone = [k for k in manifest if k.startswith(key) and k not in listed] if is_prefix else []
-    for k in gone:  # a synced prefix: objects removed from S3 leave the cache too
+        if info["size"] > int(os.environ.get("REMOTEFIT_FETCH_BIG") or BIG):
+            # ranged parts in parallel, retried: boto3's transfer manager
+            from boto3.s3.transfer import S3Transfer
+
+            S3Transfer(client).download_file(bucket, k, tmp, callback=meter.add)
+            etag = info["etag"]
+        else:
+            resp = client.get_object(Bucket=bucket, Key=k)
+            etag = resp["ETag"].strip('"')
+            with open(tmp, "wb") as f:
+                for chunk in resp["Body"].iter_chunks(CHUNK):
+                    f.write(chunk)
+                    meter.add(len(chunk))
+        got = os.path.getsize(tmp)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, path)
+    except (ClientError, BotoCoreError, OSError) as exc:
         with contextlib.suppress(OSError):
-            os.unlink(path_of(k))
-        del manifest[k]
-    if gone:
-        write_json(manifest_path, manifest)
-    say(meter.summary(len(listed), total))
-    link(job_dir, entry["target"], path_of(key.rstrip("/")) if key.rstrip("/") else root, cache)
+            os.unlink(tmp)
+        raise FetchError(f"s3://{bucket}/{k}: {exc}") from None
+    meter.add(0, file_done=True)
+    return got, etag
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
@@ -264,6 +280,8 @@ def sha256_of(path: str) -> str:
 
 
 def fetch_http(entry: dict, cache: str, job_dir: str) -> None:
+    """Download a URL into the node's cache (revalidated with ETag/Last-Modified, resumed with Range,
+    checked against job.toml's sha256) and link it into the job folder."""
     url, want = entry["url"], entry.get("sha256")
     folder = os.path.join(cache, "http", hashlib.sha256(url.encode()).hexdigest()[:24])
     name = os.path.basename(urllib.parse.urlparse(url).path) or "download"
@@ -277,19 +295,10 @@ def fetch_http(entry: dict, cache: str, job_dir: str) -> None:
         say(meter.summary(1, meta.get("size") or 0))  # the checksum pins the content: no request at all
         link(job_dir, entry["target"], path, cache)
         return
-    headers = {"User-Agent": "remotefit-fetch"}
-    if cached:
-        if meta.get("etag"):
-            headers["If-None-Match"] = meta["etag"]
-        if meta.get("last_modified"):
-            headers["If-Modified-Since"] = meta["last_modified"]
     offset = os.path.getsize(part) if os.path.isfile(part) else 0
-    if offset and not cached:
-        headers["Range"] = f"bytes={offset}-"  # resume a broken download
-        if meta.get("partial_etag"):
-            headers["If-Range"] = meta["partial_etag"]
     try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)  # noqa: S310
+        request = urllib.request.Request(url, headers=http_headers(meta, cached, offset))  # noqa: S310
+        resp = urllib.request.urlopen(request, timeout=60)  # noqa: S310
     except urllib.error.HTTPError as exc:
         if exc.code == 304 and cached:
             if want and meta.get("sha256") != want:
@@ -307,22 +316,9 @@ def fetch_http(entry: dict, cache: str, job_dir: str) -> None:
     except (urllib.error.URLError, OSError) as exc:
         raise FetchError(f"{url}: {getattr(exc, 'reason', exc)}") from None
     with resp:
-        resumed = resp.status == 206
-        if not resumed:
-            offset = 0
-        length = resp.headers.get("Content-Length")
-        meter.size = offset + (int(length) if length and length.isdigit() else 0)
         etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
         write_json(meta_path, {**meta, "url": meta.get("url", url), "partial_etag": etag})
-        if resumed:
-            say(f"fetch: {entry['target']}: resuming {url} at {offset} bytes")
-        try:
-            with open(part, "ab" if resumed else "wb") as f:
-                while chunk := resp.read(CHUNK):
-                    f.write(chunk)
-                    meter.add(len(chunk))
-        except OSError as exc:
-            raise FetchError(f"{url}: download broke off ({exc}); the next run resumes it") from None
+        download_http(resp, entry, part, offset, meter)
     digest = sha256_of(part)
     if want and digest != want:
         os.unlink(part)
@@ -337,6 +333,39 @@ def fetch_http(entry: dict, cache: str, job_dir: str) -> None:
     meter.add(0, file_done=True)
     say(meter.summary(1, size))
     link(job_dir, entry["target"], path, cache)
+
+
+def http_headers(meta: dict, cached: bool, offset: int) -> dict:
+    """A revalidation of what the cache holds, or the resumption of a broken download."""
+    headers = {"User-Agent": "remotefit-fetch"}
+    if cached:
+        if meta.get("etag"):
+            headers["If-None-Match"] = meta["etag"]
+        if meta.get("last_modified"):
+            headers["If-Modified-Since"] = meta["last_modified"]
+    if offset and not cached:
+        headers["Range"] = f"bytes={offset}-"  # resume a broken download
+        if meta.get("partial_etag"):
+            headers["If-Range"] = meta["partial_etag"]
+    return headers
+
+
+def download_http(resp, entry: dict, part: str, offset: int, meter: Meter) -> None:
+    """The response body into `part`: appended when the server resumed (206), else from the start."""
+    resumed = resp.status == 206
+    if not resumed:
+        offset = 0
+    length = resp.headers.get("Content-Length")
+    meter.size = offset + (int(length) if length and length.isdigit() else 0)
+    if resumed:
+        say(f"fetch: {entry['target']}: resuming {entry['url']} at {offset} bytes")
+    try:
+        with open(part, "ab" if resumed else "wb") as f:
+            while chunk := resp.read(CHUNK):
+                f.write(chunk)
+                meter.add(len(chunk))
+    except OSError as exc:
+        raise FetchError(f"{entry['url']}: download broke off ({exc}); the next run resumes it") from None
 
 
 # ---------------------------------------------------------------------------------------------- main

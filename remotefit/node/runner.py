@@ -560,40 +560,13 @@ def link_outputs(job_dir: str, name: str, target: str, run_id: str) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    import socket
-    import subprocess
-
+    """Start a run: check the request, create its folder and record, spawn its supervisor; print the
+    started message (or, with --follow, stream the log here until the run ends)."""
     layout = Layout(args.base)
-    extra_env: dict = {}
-    if args.request is not None:
-        args, extra_env = from_request(args, layout)
-    elif not (args.run_id and args.job_dir and args.cmd):
-        raise RunnerError("start needs --run-id, --job-dir and --cmd, or --request -", EXIT_USAGE)
-    elif args.env_file:
-        # It may hold tokens (job.toml [env]): read once, then gone; the job gets them in its
-        # environment, and nothing else keeps them.
-        try:
-            extra_env = load_env_file(args.env_file)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(args.env_file)
+    args, extra_env = start_request(args, layout)
     keep = keep_spec(extra_env.pop(contract.KEEP_KEY, None))  # for the supervisor's uploader, not the job
     run_id = check_run_id(args.run_id)
-    job_dir = os.path.abspath(os.path.expanduser(args.job_dir))
-    if not os.path.isdir(job_dir):
-        raise RunnerError(f"job dir {job_dir} does not exist", EXIT_USAGE)
-    if args.outputs is not None:
-        inside(job_dir, args.outputs, "--outputs")
-        out_dir = os.path.abspath(args.outputs_dir or "")
-        if not args.outputs_dir or not out_dir.startswith(layout.base + os.sep):
-            raise RunnerError(f"--outputs-dir {args.outputs_dir!r} must be a folder inside {layout.base}", EXIT_USAGE)
-    req_bytes = None
-    if args.requirements:
-        try:
-            with open(inside(job_dir, args.requirements, "--requirements"), "rb") as f:
-                req_bytes = f.read()
-        except OSError as exc:
-            raise RunnerError(f"cannot read requirements {args.requirements}: {exc.strerror}", EXIT_USAGE) from None
+    job_dir, req_bytes = check_start_paths(args, layout)
     for d in (layout.runs, layout.envs):
         os.makedirs(d, exist_ok=True)
 
@@ -612,17 +585,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             link_outputs(job_dir, args.outputs, os.path.abspath(args.outputs_dir), run_id)
         venv_dir = os.path.join(layout.envs, env_hash(req_bytes)) if req_bytes is not None else None
         env = build_env(dict(os.environ), extra_env, venv_dir, rd, run_id, write_shims(layout.shims, sys.executable))
-
-        cuda_checked = False
-        if args.check_cuda and (venv_dir is None or os.path.isfile(os.path.join(venv_dir, READY_MARKER))):
-            # The job's python exists already: fail now, before anything starts.
-            # Otherwise the job process checks after installing requirements.
-            ok, line = check_cuda(job_python(env), env, job_dir)
-            if not ok:
-                raise RunnerError(line, EXIT_NO_CUDA)
-            note(line)
-            cuda_checked = True
-
+        cuda_checked = check_cuda_early(args, env, venv_dir, job_dir)
         os.makedirs(rd)
         req_copy = None
         if req_bytes is not None:
@@ -630,47 +593,27 @@ def cmd_start(args: argparse.Namespace) -> int:
             with open(req_copy, "wb") as f:
                 f.write(req_bytes)
         open(os.path.join(rd, "log"), "ab").close()  # `follow` may start right away
-        started = time.time()
-        write_json(
-            os.path.join(rd, "run.json"),
-            {
-                "run_id": run_id,
-                "command": args.cmd,
-                "job_dir": job_dir,
-                "setup": args.setup,
-                "requirements": args.requirements,
-                "requirements_copy": req_copy,
-                "venv": venv_dir,
-                "check_cuda": bool(args.check_cuda),
-                "cuda_checked": cuda_checked,
-                "env_file_keys": sorted(str(k) for k in extra_env),
-                "started_at": iso(started),
-                "started_epoch": started,
-                "hostname": socket.gethostname(),
-                "python": sys.executable,
-                "starter_pid": os.getpid(),
-                "outputs_dir": os.path.abspath(args.outputs_dir) if args.outputs is not None else None,
-                "keep": keep,
-            },
+        write_run_record(
+            rd,
+            args,
+            run_id,
+            job_dir=job_dir,
+            req_copy=req_copy,
+            venv_dir=venv_dir,
+            cuda_checked=cuda_checked,
+            env_keys=extra_env,
+            keep=keep,
         )
-        with open(os.path.join(rd, "supervisor.log"), "ab") as slog:
-            # -I: the env file may set PYTHONPATH/PYTHONHOME for the job; they
-            # must not break the runner's own interpreter.
-            sup = subprocess.Popen(
-                # -S: the supervisor needs only the standard library (and contract.py); skipping site
-                # saves a node Python's .pth files on every start. The job process keeps site: it
-                # builds venvs from the parent's site-packages.
-                [sys.executable, "-I", "-S", RUNNER, "_supervise", "--base", layout.base, "--run-id", run_id],
-                cwd=rd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=slog,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
+        sup = spawn_supervisor(layout, rd, run_id, env)
         meta = wait_for_pid(layout, run_id, sup)
 
+    sup.returncode = 0  # detached on purpose; silence Popen's "still running" warning
+    return reply_started(args, run_id, meta, rd)
+
+
+def reply_started(args: argparse.Namespace, run_id: str, meta: dict, rd: str) -> int:
+    """The started message on stdout; with --follow, on stderr, then the log on stdout until the run ends
+    (one interpreter start less per fit), its status ending stderr."""
     started = {
         "type": contract.MSG_STARTED,
         "run_id": run_id,
@@ -679,10 +622,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         "run_dir": rd,
         "log": os.path.join(rd, "log"),
     }
-    sup.returncode = 0  # detached on purpose; silence Popen's "still running" warning
     if args.follow:
-        # start, then follow in the same process (one interpreter start less per fit): the start
-        # message goes to stderr, stdout is the log, and the run's status ends stderr.
         sys.stderr.write(json.dumps(started) + "\n")
         sys.stderr.flush()
         follow = argparse.Namespace(base=args.base, run_id=run_id, offset=0, poll=0.2, quiet=True, status_json=True)
@@ -690,6 +630,117 @@ def cmd_start(args: argparse.Namespace) -> int:
     print(json.dumps(started) if args.json else run_id)
     sys.stdout.flush()
     return EXIT_OK
+
+
+def start_request(args: argparse.Namespace, layout: Layout) -> tuple[argparse.Namespace, dict]:
+    """The start's arguments and the job's extra environment: from a JSON request on stdin, or from
+    flags and an env file."""
+    if args.request is not None:
+        return from_request(args, layout)
+    if not (args.run_id and args.job_dir and args.cmd):
+        raise RunnerError("start needs --run-id, --job-dir and --cmd, or --request -", EXIT_USAGE)
+    if not args.env_file:
+        return args, {}
+    # It may hold tokens (job.toml [env]): read once, then gone; the job gets them in its
+    # environment, and nothing else keeps them.
+    try:
+        return args, load_env_file(args.env_file)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(args.env_file)
+
+
+def check_start_paths(args: argparse.Namespace, layout: Layout) -> tuple[str, bytes | None]:
+    """The job folder (absolute) and the requirements' bytes, or None; every path checked to stay
+    where it belongs."""
+    job_dir = os.path.abspath(os.path.expanduser(args.job_dir))
+    if not os.path.isdir(job_dir):
+        raise RunnerError(f"job dir {job_dir} does not exist", EXIT_USAGE)
+    if args.outputs is not None:
+        inside(job_dir, args.outputs, "--outputs")
+        out_dir = os.path.abspath(args.outputs_dir or "")
+        if not args.outputs_dir or not out_dir.startswith(layout.base + os.sep):
+            raise RunnerError(f"--outputs-dir {args.outputs_dir!r} must be a folder inside {layout.base}", EXIT_USAGE)
+    if not args.requirements:
+        return job_dir, None
+    try:
+        with open(inside(job_dir, args.requirements, "--requirements"), "rb") as f:
+            return job_dir, f.read()
+    except OSError as exc:
+        raise RunnerError(f"cannot read requirements {args.requirements}: {exc.strerror}", EXIT_USAGE) from None
+
+
+def check_cuda_early(args: argparse.Namespace, env: dict, venv_dir: str | None, job_dir: str) -> bool:
+    """When the job's python exists already, fail now, before anything starts (otherwise the job
+    process checks after installing requirements). True when checked here."""
+    if not args.check_cuda or (venv_dir is not None and not os.path.isfile(os.path.join(venv_dir, READY_MARKER))):
+        return False
+    ok, line = check_cuda(job_python(env), env, job_dir)
+    if not ok:
+        raise RunnerError(line, EXIT_NO_CUDA)
+    note(line)
+    return True
+
+
+def write_run_record(
+    rd: str,
+    args: argparse.Namespace,
+    run_id: str,
+    *,
+    job_dir: str,
+    req_copy: str | None,
+    venv_dir: str | None,
+    cuda_checked: bool,
+    env_keys: dict,
+    keep: dict,
+) -> None:
+    """run.json: what the supervisor runs and what `status` reports (the env file's keys, never its values)."""
+    import socket
+
+    started = time.time()
+    write_json(
+        os.path.join(rd, "run.json"),
+        {
+            "run_id": run_id,
+            "command": args.cmd,
+            "job_dir": job_dir,
+            "setup": args.setup,
+            "requirements": args.requirements,
+            "requirements_copy": req_copy,
+            "venv": venv_dir,
+            "check_cuda": bool(args.check_cuda),
+            "cuda_checked": cuda_checked,
+            "env_file_keys": sorted(str(k) for k in env_keys),
+            "started_at": iso(started),
+            "started_epoch": started,
+            "hostname": socket.gethostname(),
+            "python": sys.executable,
+            "starter_pid": os.getpid(),
+            "outputs_dir": os.path.abspath(args.outputs_dir) if args.outputs is not None else None,
+            "keep": keep,
+        },
+    )
+
+
+def spawn_supervisor(layout: Layout, rd: str, run_id: str, env: dict) -> subprocess.Popen:
+    """The run's supervisor, detached in its own session, its output in supervisor.log."""
+    import subprocess
+
+    with open(os.path.join(rd, "supervisor.log"), "ab") as slog:
+        # -I: the env file may set PYTHONPATH/PYTHONHOME for the job; they must not break the runner's
+        # own interpreter. -S: the supervisor needs only the standard library (and contract.py); skipping
+        # site saves a node Python's .pth files on every start. The job process keeps site: it builds
+        # venvs from the parent's site-packages.
+        return subprocess.Popen(
+            [sys.executable, "-I", "-S", RUNNER, "_supervise", "--base", layout.base, "--run-id", run_id],
+            cwd=rd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=slog,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
 
 
 def wait_for_pid(layout: Layout, run_id: str, sup: subprocess.Popen, timeout: float = 60.0) -> dict:
@@ -927,59 +978,55 @@ def cmd_job(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- follow / status / cancel
 
 
+class LogTail:
+    """A run's log, copied to stdout from an offset on, as it grows (the file may not exist yet)."""
+
+    def __init__(self, path: str, offset: int) -> None:
+        self.path, self.pos, self.f = path, offset, None
+        self.out = sys.stdout.buffer
+
+    def drain(self) -> bool:
+        """Copy what was written since the last call; True when there was something."""
+        if self.f is None and os.path.exists(self.path):
+            self.f = open(self.path, "rb")  # noqa: SIM115 - kept open while following
+            self.f.seek(self.pos)
+        got = False
+        while self.f is not None:
+            chunk = self.f.read(65536)
+            if not chunk:
+                break
+            self.out.write(chunk)
+            self.out.flush()
+            self.pos += len(chunk)
+            got = True
+        return got
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
 def cmd_follow(args: argparse.Namespace) -> int:
+    """Stream a run's log until it ends; the run's exit code (EXIT_LOST for a run gone without one)."""
     layout = Layout(args.base)
     rd = require_run(layout, args.run_id)
     if args.offset < 0:
         raise RunnerError("--offset must be >= 0", EXIT_USAGE)
-    log_path = os.path.join(rd, "log")
-    out = sys.stdout.buffer
-    pos = args.offset
-    f = None
+    tail = LogTail(os.path.join(rd, "log"), args.offset)
     lost_since = None
     sleep = 0.005
     began = time.time()
-
-    def drain() -> bool:
-        nonlocal pos
-        got = False
-        while f is not None:
-            chunk = f.read(65536)
-            if not chunk:
-                break
-            out.write(chunk)
-            out.flush()
-            pos += len(chunk)
-            got = True
-        return got
-
     try:
         while True:
-            if f is None and os.path.exists(log_path):
-                f = open(log_path, "rb")  # noqa: SIM115 - kept open while following
-                f.seek(pos)
-            if drain():
+            if tail.drain():
                 sleep = 0.02
                 continue
             info = run_info(layout, args.run_id)
-            if info["state"] == "finished":
-                drain()  # anything written between the last read and the exit
-                if args.status_json:
-                    status_line(info)
-                if not args.quiet:
-                    note(f"run {args.run_id} finished with exit code {info['exit_code']}")
-                return info["exit_code"]
-            if info["state"] == "lost":
-                # Give a just-exited supervisor a moment to write exit_code.
-                lost_since = lost_since or time.time()
-                if time.time() - lost_since > 3:
-                    drain()
-                    if args.status_json:
-                        status_line(info)
-                    note(f"run {args.run_id} was lost: its process is gone and no exit code was recorded")
-                    return EXIT_LOST
-            else:
-                lost_since = None
+            # Give a just-exited supervisor a moment to write exit_code before calling a run lost.
+            lost_since = (lost_since or time.time()) if info["state"] == "lost" else None
+            if info["state"] == "finished" or (lost_since and time.time() - lost_since > 3):
+                tail.drain()  # anything written between the last read and the exit
+                return followed_to_the_end(args, info)
             # Short runs end quickly after a quick look (every 20 ms for the first seconds: a check
             # reads a few small files); long quiet ones are polled every --poll s.
             time.sleep(min(args.poll, sleep))
@@ -990,8 +1037,19 @@ def cmd_follow(args: argparse.Namespace) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAIL
     finally:
-        if f is not None:
-            f.close()
+        tail.close()
+
+
+def followed_to_the_end(args: argparse.Namespace, info: dict) -> int:
+    """What `follow` says once a run has finished or is lost, and its exit code."""
+    if args.status_json:
+        status_line(info)
+    if info["state"] == "lost":
+        note(f"run {args.run_id} was lost: its process is gone and no exit code was recorded")
+        return EXIT_LOST
+    if not args.quiet:
+        note(f"run {args.run_id} finished with exit code {info['exit_code']}")
+    return info["exit_code"]
 
 
 def status_line(info: dict) -> None:

@@ -423,27 +423,10 @@ def spot_poll(args: argparse.Namespace, every: float) -> int:
 
 def tick(opts: argparse.Namespace, now: float) -> str:
     """One decision; returns the action ('keep' or 'shutdown')."""
-    state = load_state(opts.state)
-    boot_id = read_first_line(os.path.join(opts.proc, "sys", "kernel", "random", "boot_id"))
-    if boot_id and init_start(opts.proc) is not None:
-        boot_id += f":{init_start(opts.proc)}"  # a container's boot shares the host kernel's boot_id
-    if boot_id and state.get("boot_id") not in (None, boot_id):
-        state = {}  # a new boot: last boot's idle clock and spot flags are meaningless
-    if boot_id:
-        state["boot_id"] = boot_id
-    if "first_tick" not in state:
-        # Idle counts from boot when known (ticks start a minute after it); a sandbox node, which
-        # shares the host's kernel, says when it started instead.
-        boot = float(opts.started_epoch) if opts.started_epoch else boot_time(opts.proc, now)
-        state["first_tick"] = boot if boot is not None and boot <= now else now
-    parts = []
-
+    state = this_boots_state(opts, now)
     # Spot interruption first: it is the most time-critical.
     run = active_run(opts.base, opts.proc)
-    if opts.spot_service:
-        parts.append("spot=polled-by-service")
-    else:
-        parts.append(check_spot(opts, state, now, run))
+    parts = ["spot=polled-by-service" if opts.spot_service else check_spot(opts, state, now, run)]
 
     # Busy = live run or a logged-in ssh user.
     sessions = ssh_sessions(opts.proc, str(opts.sshd_pid) if opts.sshd_pid else None)
@@ -455,26 +438,7 @@ def tick(opts: argparse.Namespace, now: float) -> str:
     if busy:
         state["last_busy"] = now
     idle_ref = max(state["first_tick"], state.get("last_busy") or state["first_tick"])
-    idle_for = max(0.0, now - idle_ref)
-
-    # decision: which rule decided (deadline / idle -> shutdown; busy / waiting -> keep).
-    if opts.deadline_epoch is not None and now >= opts.deadline_epoch:
-        action, decision = "shutdown", "deadline"
-        reason = f"deadline {iso(opts.deadline_epoch)} passed {minutes(now - opts.deadline_epoch)} ago"
-    elif not busy and opts.idle_minutes is not None and opts.idle_minutes > 0 and idle_for >= opts.idle_minutes * 60:
-        action, decision = "shutdown", "idle"
-        reason = f"idle for {minutes(idle_for)} >= {opts.idle_minutes:g}min (no active run, no session)"
-    elif busy:
-        action, decision = "keep", "busy"
-        reason = "busy: " + ", ".join(busy)
-    else:
-        action, decision = "keep", "waiting"
-        limit = f"{opts.idle_minutes:g}min" if opts.idle_minutes else "(idle check off)"
-        reason = f"idle for {minutes(idle_for)} of {limit}"
-    if action == "keep" and opts.deadline_epoch is not None:
-        reason += f"; deadline in {minutes(opts.deadline_epoch - now)}"
-    elif opts.deadline_epoch is None:
-        reason += "; no deadline set"
+    action, decision, reason = decide(opts, now, busy, max(0.0, now - idle_ref))
 
     state["last_tick"] = now
     state["last_action"] = action
@@ -497,6 +461,48 @@ def tick(opts: argparse.Namespace, now: float) -> str:
             return action
     log(f"{iso(now)} action={action} decision={decision} reason={reason} {' '.join(parts)}{result}")
     return action
+
+
+def this_boots_state(opts: argparse.Namespace, now: float) -> dict:
+    """The saved state, emptied on a new boot (last boot's idle clock and spot flags mean nothing), with
+    the moment idle counts from."""
+    state = load_state(opts.state)
+    boot_id = read_first_line(os.path.join(opts.proc, "sys", "kernel", "random", "boot_id"))
+    if boot_id and init_start(opts.proc) is not None:
+        boot_id += f":{init_start(opts.proc)}"  # a container's boot shares the host kernel's boot_id
+    if boot_id and state.get("boot_id") not in (None, boot_id):
+        state = {}
+    if boot_id:
+        state["boot_id"] = boot_id
+    if "first_tick" not in state:
+        # Idle counts from boot when known (ticks start a minute after it); a sandbox node, which
+        # shares the host's kernel, says when it started instead.
+        boot = float(opts.started_epoch) if opts.started_epoch else boot_time(opts.proc, now)
+        state["first_tick"] = boot if boot is not None and boot <= now else now
+    return state
+
+
+def decide(opts: argparse.Namespace, now: float, busy: list[str], idle_for: float) -> tuple[str, str, str]:
+    """(action, the rule that decided, the reason in words): deadline or idle -> shutdown; busy or
+    waiting -> keep."""
+    if opts.deadline_epoch is not None and now >= opts.deadline_epoch:
+        action, decision = "shutdown", "deadline"
+        reason = f"deadline {iso(opts.deadline_epoch)} passed {minutes(now - opts.deadline_epoch)} ago"
+    elif not busy and opts.idle_minutes is not None and opts.idle_minutes > 0 and idle_for >= opts.idle_minutes * 60:
+        action, decision = "shutdown", "idle"
+        reason = f"idle for {minutes(idle_for)} >= {opts.idle_minutes:g}min (no active run, no session)"
+    elif busy:
+        action, decision = "keep", "busy"
+        reason = "busy: " + ", ".join(busy)
+    else:
+        action, decision = "keep", "waiting"
+        limit = f"{opts.idle_minutes:g}min" if opts.idle_minutes else "(idle check off)"
+        reason = f"idle for {minutes(idle_for)} of {limit}"
+    if action == "keep" and opts.deadline_epoch is not None:
+        reason += f"; deadline in {minutes(opts.deadline_epoch - now)}"
+    elif opts.deadline_epoch is None:
+        reason += "; no deadline set"
+    return action, decision, reason
 
 
 # --------------------------------------------------------------------------- CLI
