@@ -458,9 +458,11 @@ def test_i_know_renders_world_ssh_and_checkov_flags_it(proj: SpacedProject, worl
 
     tfvars = hcl2.loads((proj.generated / f"{ACCOUNT}.tfvars").read_text())
     assert tfvars["allow_world_ssh"] is True and tfvars["allow_cidr"].strip('"') == "0.0.0.0/0"
-    # the applied rule (loopback) would be opened to the world
+    # the applied rule (where the sandbox's nodes see this machine: 127.0.0.1, or the bridge's gateway for
+    # booted nodes) would be opened to the world
+    applied_source = proj.workspace().sandbox.caller_cidr()
     out = world_plan.stdout + world_plan.stderr
-    assert re.search(r'cidr_ipv4\s+= "127\.0\.0\.1/32" -> "0\.0\.0\.0/0"', out), out[-3000:]
+    assert re.search(rf'cidr_ipv4\s+= "{re.escape(applied_source)}" -> "0\.0\.0\.0/0"', out), out[-3000:]
     # the same flags without --i-know are refused before anything is written
     assert "would open SSH to the whole internet" in error_line(
         proj.inv("plan", "--allow-cidr", "0.0.0.0/0", check=False)

@@ -136,9 +136,20 @@ def test_a_lying_service_is_refused(tmp_path: Path, ip_service, answer: bytes) -
     assert ip_service.url in msg
 
 
-def test_the_sandbox_never_asks_the_service(tmp_path: Path, ip_service) -> None:
+def test_the_sandbox_never_asks_the_service(tmp_path: Path, ip_service, monkeypatch) -> None:
+    """The SSH rule's source on the sandbox is where its nodes see this machine: 127.0.0.1 for loopback nodes,
+    the bridge's gateway for booted ones; never this machine's public address."""
+    from remotefit.sandbox import NODES_ENV
+
     ws = aws_ws(tmp_path, caller_ip_url=ip_service.url)
     ws.__dict__["endpoint"] = "http://127.0.0.1:1"  # as if the sandbox were up (cached_property)
+    mode = ws.sandbox.node_mode()[0]  # this machine's own, as the suite runs it
+    assert ws.caller_cidr() == ws.sandbox.caller_cidr() and ip_service.hits == 0
+    if mode == "container":
+        from remotefit import sandbox_machine
+
+        assert ws.caller_cidr() == f"{sandbox_machine.gateway(sandbox_machine.bridge_network())}/32"
+    monkeypatch.setenv(NODES_ENV, "loopback")
     assert ws.caller_cidr() == "127.0.0.1/32" and ip_service.hits == 0
 
 
