@@ -24,7 +24,14 @@ def parse(log: str) -> dict[str, object]:
     if not m:
         raise ValueError("no `ci: R of E end-to-end tests ran; wall time W s` line: did .ci/run finish?")
     closing = [ln.strip("= ") for ln in log.splitlines() if re.search(r"\d+ (passed|failed)", ln)]
-    return {"ran": int(m[1]), "expected": int(m[2]), "wall_s": int(m[3]), "closing": closing[-1] if closing else "?"}
+    nodes = re.findall(r"^sandbox nodes: (.+)$", log, re.M)
+    return {
+        "ran": int(m[1]),
+        "expected": int(m[2]),
+        "wall_s": int(m[3]),
+        "closing": closing[-1] if closing else "?",
+        "nodes": nodes[-1] if nodes else "not said",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("log", type=Path, help="the output of one `bash .ci/run`")
     ap.add_argument("--before-s", type=int, required=True, help="CI wall time before the change, in seconds")
     ap.add_argument("--before-note", required=True, help="where the 'before' figure comes from")
+    ap.add_argument("--before-ran", default="not counted", help="end-to-end tests that ran before, e.g. '121 of 121'")
     ap.add_argument("--no-write", action="store_true", help="print only")
     opts = ap.parse_args(argv)
     try:
@@ -46,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "| | wall time | end-to-end tests that ran |",
             "|---|---:|---:|",
-            f"| before ({opts.before_note}) | {opts.before_s} s ({opts.before_s / 60:.1f} min) | not counted |",
+            f"| before ({opts.before_note}) | {opts.before_s} s ({opts.before_s / 60:.1f} min) | {opts.before_ran} |",
             f"| after: `.ci/run` on a fresh clone | {wall} s ({wall / 60:.1f} min) | {f['ran']} of {f['expected']} |",
             "",
-            f"pytest's closing line: `{f['closing']}`. Budget: 20 min on 2 cores.",
+            f"pytest's closing line: `{f['closing']}`; sandbox nodes: {f['nodes']}. Budget: 20 min on 2 cores.",
         ]
     )
     print(text)

@@ -90,10 +90,10 @@ def pytest_configure(config: pytest.Config) -> None:
 # workers in collection order (--no-loadscope-reorder in pyproject.toml): a heavy file dealt last would be a
 # tail the other workers wait out, and its own reorder puts the files with the most tests (unit tests) first.
 HEAVY_FIRST = (
+    "test_demo.py",
     "test_e2e_spot.py",
     "test_e2e_container.py",
     "test_e2e_nodes.py",
-    "test_demo.py",
     "test_e2e_durable.py",
     "test_e2e_jobs.py",
     "test_e2e_policy_coverage.py",
