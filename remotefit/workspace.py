@@ -173,6 +173,15 @@ class Workspace:
             "managed-by": "remotefit",
         }
 
+    def job_env_defaults(self) -> dict[str, str]:
+        """What every job's environment starts from on this target; job.toml's [env] overrides it. Sandbox
+        nodes share this machine's cores with each other and with it, where OpenMP threads spinning 300,000
+        times between parallel regions (libgomp's default, PyTorch's OpenMP on Linux) burn the CPU the rest
+        needs: beside two busy processes the CPU resnet job took ~1.6x the wall time and ~1.8x the CPU
+        (bench/bench_omp.py), while a short spin was as fast on an idle machine. A real node is the job's
+        own, so it keeps OpenMP's default."""
+        return {"GOMP_SPINCOUNT": "10000"} if self.settings.is_sandbox else {}
+
     def caller_cidr(self, override: str | None = None, i_know: bool = False) -> str:
         """The only CIDR allowed to reach SSH: --allow-cidr, or this machine's public address."""
         if override:

@@ -153,6 +153,15 @@ def test_the_sandbox_never_asks_the_service(tmp_path: Path, ip_service, monkeypa
     assert ws.caller_cidr() == "127.0.0.1/32" and ip_service.hits == 0
 
 
+def test_only_sandbox_jobs_get_a_short_openmp_spin(tmp_path: Path) -> None:
+    """A real node is the job's own (OpenMP's default spin is right there); sandbox nodes share this machine's
+    cores, where long-spinning threads burn the CPU the others need (bench/bench_omp.py)."""
+    ws = aws_ws(tmp_path)
+    assert ws.job_env_defaults() == {}
+    ws.settings = ws.settings.model_copy(update={"TARGET": "sandbox"})
+    assert ws.job_env_defaults() == {"GOMP_SPINCOUNT": "10000"}
+
+
 # -- the SSM AMI resolver ----------------------------------------------------------------------
 def seed_public_parameters(values: dict[str, str], region: str = "us-east-1") -> None:
     """moto refuses PutParameter under /aws/ (as AWS does), so write the public parameters into its backend."""

@@ -77,6 +77,8 @@ class _Run:
         assert self.record is not None
         run_id = self.run_id
         env = job_env(self.job, run_id, self.chosen, rank, self.gpus, run_outputs(t.node.workdir, run_id), self.port)
+        if self.ws is not None:
+            env = {**self.ws.job_env_defaults(), **env}  # job.toml's [env] (in job_env) wins
         env |= self.secrets  # on stdin only (start_input), like job.toml's [env]
         if self.ws is not None and not self.local:  # results outlive the nodes: kept in the runs bucket
             env[contract.KEEP_KEY] = json.dumps(keep_spec(self.ws, self.job, self.record, rank))
