@@ -177,7 +177,7 @@ class Workspace:
         """What every job's environment starts from on this target; job.toml's [env] overrides it. Sandbox
         nodes share this machine's cores with each other and with it, where OpenMP threads spinning 300,000
         times between parallel regions (libgomp's default, PyTorch's OpenMP on Linux) burn the CPU the rest
-        needs: beside two busy processes the CPU resnet job took ~1.6x the wall time and ~1.8x the CPU
+        needs: beside two busy processes the CPU resnet job took 1.5x the wall time and 1.6x the CPU
         (bench/bench_omp.py), while a short spin was as fast on an idle machine. A real node is the job's
         own, so it keeps OpenMP's default."""
         return {"GOMP_SPINCOUNT": "10000"} if self.settings.is_sandbox else {}
