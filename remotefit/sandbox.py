@@ -369,7 +369,7 @@ class Sandbox:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         user = _user()
         try:
-            port, pid = self._spawn_sshd(d, instance_id, user, boot, imds[1] if imds else None)
+            port, pid = self._spawn_sshd(d, host_key, instance_id, user, boot, imds[1] if imds else None)
         except UserError:
             if imds:
                 stop_pid(imds[0], "sandbox_imds")
@@ -384,13 +384,15 @@ class Sandbox:
         return node
 
     @staticmethod
-    def _spawn_sshd(d: Path, instance_id: str, user: str, boot: Path, imds_port: int | None) -> tuple[int, int]:
+    def _spawn_sshd(
+        d: Path, host_key: Path, instance_id: str, user: str, boot: Path, imds_port: int | None
+    ) -> tuple[int, int]:
         """A loopback node's sshd on a free port: (port, pid) once it listens."""
         last = "no output"
         for _attempt in range(3):  # a free port can be taken by another process before sshd binds it
             port = free_port()
             config = sshd_config_text(
-                port, host_key=d / "ssh_host_ed25519_key", authorized=d / "authorized_keys",
+                port, host_key=host_key, authorized=d / "authorized_keys",
                 pidfile=d / "sshd.pid", user=user, node=instance_id, boot=boot, imds_port=imds_port,
             )  # fmt: skip
             atomic_write(d / "sshd_config", config, mode=0o600)

@@ -15,6 +15,7 @@ from typing import Any
 
 RESTORE_HEADER = "x-remotefit-sandbox"  # on the laptop's replay requests: they pass a held server's gate
 READY_PATH = "/remotefit-sandbox/ready"  # opens the gate once the replay is done
+RESTORE_ENVIRON = "HTTP_" + RESTORE_HEADER.upper().replace("-", "_")  # the header, as WSGI hands it over
 
 
 class RestoreGate:
@@ -37,7 +38,7 @@ class RestoreGate:
                 print("sandbox: restored; serving every client again", flush=True)
                 start_response("200 OK", [("Content-Type", "text/plain")])
                 return [b"ready"]
-            if not (environ.get("HTTP_X_REMOTEFIT_SANDBOX") == "restore" or path.startswith("/moto-api/")):
+            if not (environ.get(RESTORE_ENVIRON) == "restore" or path.startswith("/moto-api/")):
                 body = b"<Error><Code>ServiceUnavailable</Code><Message>sandbox restoring its state</Message></Error>"
                 start_response("503 Service Unavailable", [("Content-Type", "application/xml"), ("Retry-After", "1")])
                 return [body]
