@@ -146,7 +146,8 @@ def main() -> int:
             f"\n\nCPU of one `terraform validate` (Terraform and the AWS provider it starts twice; median of 3, "
             f"interleaved): Go's default GOGC=100 **{base_cpu:.2f} CPU-s**, peak {base_rss:.0f} MB; remotefit's "
             f"GOGC={PROVIDER_GOGC} **{ours_cpu:.2f} CPU-s** ({ours_cpu / base_cpu:.2f}x), peak {ours_rss:.0f} MB. "
-            "Every plan, apply and destroy starts the provider the same way, so the saving is per start."
+            "Plan, apply and destroy walk the provider's schema the same way in each of their walks; "
+            "`bench/bench_gogc.py` measures those."
         )
     write_section("foundation", body)
     print(body)

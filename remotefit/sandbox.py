@@ -332,6 +332,18 @@ class Sandbox:
         except (OSError, ValueError, TypeError):
             return None
 
+    def prepare_machines(self, instance_types: list[str]) -> None:
+        """What booting these instance types as containers needs, made before apply creates anything: the
+        bridge (a range in use on this machine is refused) and each node image they boot (built once per
+        machine). A failure here is one line, with nothing in the cloud to clean up. Loopback: nothing."""
+        if self.node_mode()[0] != "container":
+            return
+        from remotefit import sandbox_image, sandbox_machine
+
+        sandbox_machine.ensure_bridge(sandbox_machine.bridge_network())
+        for variant in sorted({sandbox_image.variant_for(t) for t in instance_types}):
+            sandbox_image.ensure_image(variant=variant)
+
     def start_node(
         self,
         instance_id: str,

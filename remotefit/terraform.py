@@ -23,10 +23,11 @@ from remotefit.proc import run, run_tee
 
 MIN_VERSION = (1, 11, 0)
 # Go's garbage collector target for Terraform and the AWS provider it starts (plugins inherit the
-# environment). The provider builds its whole schema at every start; at Go's default (100) a quarter of
-# that CPU is collection. 200 cuts a `terraform validate` from ~9.7 to ~7.9 CPU-s for ~5% more peak memory
-# (630 -> 660 MB; bench/bench_apply.py measures it). A GOGC set by the user wins.
-PROVIDER_GOGC = "200"
+# environment). The provider walks its whole schema in every walk of a command (PrepareProviderConfig: ~3.5
+# CPU-s here, three walks per apply), allocating as it goes; at Go's default (100) a quarter of its CPU is
+# collection. 400: apply + plan + destroy ~8% less CPU than 200 and ~20% less than 100, for ~100 MB more peak
+# memory per provider (~730 MB; bench/bench_gogc.py, bench/bench_foundation.py). A GOGC set by the user wins.
+PROVIDER_GOGC = "400"
 # What a person needs to see of apply/destroy; the whole output goes to generated/terraform/last-*.log.
 PROGRESS = re.compile(
     r"(Creation complete|Destruction complete|Modifications complete|Apply complete|Destroy complete|"

@@ -78,6 +78,15 @@ def nothing_left(p: Project) -> None:
         assert not (d / "root").is_mount()
 
 
+def refused_before_anything_was_created(p: Project, line: str) -> None:
+    """A sandbox machine problem found by apply's pre-flight: no instance launched, so nothing to destroy."""
+    assert "some resources may have been created" not in line, line
+    assert instances(p) == {}
+    res = p.inv("destroy", "--yes", timeout=600)
+    assert "nothing to destroy: stage test has no resources in its state" in res.stdout, res.stdout
+    nothing_left(p)
+
+
 @pytest.fixture(scope="class")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Project, dict[str, Any]]]:
     p = container_project(tmp_path_factory.mktemp("container"))
@@ -317,8 +326,7 @@ def test_a_bridge_range_in_use_is_refused(tmp_path: Path) -> None:
             line = error_line(res)
             assert "10.251.0.0/16 is already in use on this machine (10.251.7.1/24 on rftest0)" in line, line
             assert "REMOTEFIT_SANDBOX_BRIDGE_CIDR" in line
-            p.inv("destroy", "--yes", timeout=600)
-            nothing_left(p)
+            refused_before_anything_was_created(p, line)
         finally:
             p.down()
     finally:
@@ -337,7 +345,6 @@ def test_an_image_that_cannot_build(tmp_path: Path) -> None:
         assert "the sandbox node image failed to build at 'debootstrap'" in line, line
         assert str(cache / "images") in line and "REMOTEFIT_SANDBOX_NODES=loopback" in line
         assert not [d for d in (cache / "images").iterdir() if d.is_dir()]  # nothing half-built is kept
-        p.inv("destroy", "--yes", timeout=600)
-        nothing_left(p)
+        refused_before_anything_was_created(p, line)
     finally:
         p.down()

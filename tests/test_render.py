@@ -347,7 +347,7 @@ def test_a_failed_run_is_a_terraform_error_with_its_kind_and_the_same_line():
 
 
 def test_terraform_and_its_provider_run_with_a_lazier_gc_unless_the_user_set_one(tmp_path, monkeypatch):
-    """The AWS provider builds its schema at every start; GOGC reaches it through Terraform's environment."""
+    """The AWS provider walks its schema in every walk of a command; GOGC reaches it through Terraform's environment."""
     from remotefit.proc import run
     from remotefit.terraform import PROVIDER_GOGC
 

@@ -93,6 +93,22 @@ def test_node_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert sb.caller_cidr() == "172.31.0.1/32"  # the bridge's gateway: where a node sees our ssh from
 
 
+def test_apply_prepares_the_bridge_and_each_image_its_types_boot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Before Terraform creates anything: the bridge once, each image variant once; loopback needs neither."""
+    made: list[str] = []
+    monkeypatch.setattr(sandbox_machine, "ensure_bridge", lambda net: made.append(f"bridge {net}") or "br")
+    monkeypatch.setattr(sandbox_image, "ensure_image", lambda variant: made.append(f"image {variant}") or tmp_path)
+    monkeypatch.setattr(sandbox_machine, "available", lambda: None)
+    monkeypatch.delenv("REMOTEFIT_SANDBOX_BRIDGE_CIDR", raising=False)
+    sb = Sandbox(tmp_path)
+    monkeypatch.setenv("REMOTEFIT_SANDBOX_NODES", "loopback")
+    sb.prepare_machines(["g6.xlarge"])
+    assert made == []
+    monkeypatch.setenv("REMOTEFIT_SANDBOX_NODES", "container")
+    sb.prepare_machines(["g6.xlarge", "g5.xlarge", "c7i.xlarge"])
+    assert made == ["bridge 172.31.0.0/16", "image cpu", "image dl"]
+
+
 def test_sandboxes_on_one_machine_claim_different_address_slices(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -115,6 +115,8 @@ def preflight_checks(ws: Workspace, spec: NodeSpec) -> dict[str, list[str]]:
         except UserError:
             continue  # a fallback not offered here is simply not tried
     azs = preflight.azs_with_default_subnet(azs, ws.default_subnets(), spec.instance_type, ws.settings.AWS_REGION)
+    if ws.endpoint:  # the sandbox's bridge and node images, before anything exists that needs them
+        ws.sandbox.prepare_machines(list(azs))
     vcpus = preflight.vcpus_of(ec2, spec.instance_type) * spec.nodes
     result = preflight.check_quota(
         ws.client("service-quotas"), spec.instance_type, spec.market, vcpus, ws.settings.AWS_REGION, nodes=spec.nodes
