@@ -93,7 +93,9 @@ def test_node_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert sb.caller_cidr() == "172.31.0.1/32"  # the bridge's gateway: where a node sees our ssh from
 
 
-def test_apply_prepares_the_bridge_and_each_image_its_types_boot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_apply_prepares_the_bridge_and_each_image_its_types_boot(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """Before Terraform creates anything: the bridge once, each image variant once; loopback needs neither."""
     made: list[str] = []
     monkeypatch.setattr(sandbox_machine, "ensure_bridge", lambda net: made.append(f"bridge {net}") or "br")
