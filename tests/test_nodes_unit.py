@@ -125,6 +125,7 @@ def fake_cloud_ws(tmp_path: Path) -> SimpleNamespace:
         client=lambda name, region=None: clients[name],
         caller_identity=lambda: {"Account": "123456789012", "Arn": "arn:aws:iam::123456789012:user/t", "UserId": "x"},
         default_subnets=lambda: {"us-east-1a": True, "us-east-1b": True},
+        endpoint=None,  # real AWS: no sandbox machines to prepare
     )
 
 
@@ -235,6 +236,7 @@ def patched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         stage="test",
         defaults=Defaults(allow_on_demand_fallback=True),
         settings=SimpleNamespace(AWS_REGION="us-east-1", AWS_ACCOUNT="testacct"),
+        endpoint=None,
     )
     return SimpleNamespace(ws=ws, written=written, holder=holder, tmp=tmp_path)
 

@@ -206,6 +206,7 @@ def running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
         stage="test",
         defaults=Defaults(allow_on_demand_fallback=True),
         settings=SimpleNamespace(AWS_REGION=REGION, AWS_ACCOUNT="testacct"),
+        endpoint=None,
     )
     return SimpleNamespace(ws=ws, written=written, holder=holder, tmp=tmp_path, saved=saved)
 

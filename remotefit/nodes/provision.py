@@ -115,8 +115,6 @@ def preflight_checks(ws: Workspace, spec: NodeSpec) -> dict[str, list[str]]:
         except UserError:
             continue  # a fallback not offered here is simply not tried
     azs = preflight.azs_with_default_subnet(azs, ws.default_subnets(), spec.instance_type, ws.settings.AWS_REGION)
-    if ws.endpoint:  # the sandbox's bridge and node images, before anything exists that needs them
-        ws.sandbox.prepare_machines(list(azs))
     vcpus = preflight.vcpus_of(ec2, spec.instance_type) * spec.nodes
     result = preflight.check_quota(
         ws.client("service-quotas"), spec.instance_type, spec.market, vcpus, ws.settings.AWS_REGION, nodes=spec.nodes
@@ -191,6 +189,8 @@ def _apply(
 ) -> list[Node]:
     """Pre-flight and the cost, then each launch candidate in turn until one has capacity."""
     azs = preflight_checks(ws, spec)
+    if ws.endpoint:  # the sandbox's bridge and node images (a first build takes minutes), before anything exists
+        ws.sandbox.prepare_machines(list(azs))
     save_spec(ws, spec)
     for line in cost_lines(ws, spec):
         echo(line)
