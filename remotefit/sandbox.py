@@ -297,6 +297,11 @@ class Sandbox:
                 if res.returncode == 0:
                     stopped.append(f"ssh connection to {host}")
         stopped += [f"sshd node {n.instance_id} (port {n.port})" for n in self.nodes() if self.stop_node(n)]
+        from remotefit import sandbox_machine
+
+        for d, pid in sandbox_machine.supervisors(self.nodes_dir).items():  # machines no record knows (a failed start)
+            sandbox_machine.power_off(d, pid, "terminate")
+            stopped.append(f"unrecorded container node {d.name} (pid {pid})")
         try:
             srv = Server(**json.loads(self.record.read_text()))
         except (OSError, ValueError, TypeError):
@@ -306,9 +311,7 @@ class Sandbox:
         self.record.unlink(missing_ok=True)
         self.recording.unlink(missing_ok=True)  # a deliberate down starts afresh
         self._forget_nodes()
-        from remotefit.sandbox_machine import release_slot
-
-        release_slot(self.dir)
+        sandbox_machine.release_slot(self.dir)
         return stopped
 
     # -- sshd nodes ------------------------------------------------------------------

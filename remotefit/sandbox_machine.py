@@ -341,6 +341,23 @@ def _kill_machine(d: Path) -> None:
             os.kill(leader, signal.SIGKILL)
 
 
+def supervisors(nodes_dir: Path, proc: Path = Path("/proc")) -> dict[Path, int]:
+    """{node folder: pid} of every running supervisor of a node under `nodes_dir`, found by its command line,
+    not by a record: a machine whose node.json is gone (a start that failed half-way) is still found here."""
+    found: dict[Path, int] = {}
+    for entry in proc.glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if "remotefit.sandbox_machine" in words and "--dir" in words[:-1]:
+            d = Path(words[words.index("--dir") + 1])
+            if d.parent == nodes_dir:
+                found[d] = int(entry.name)
+    return found
+
+
 def power_off(d: Path, pid: int, reason: str, grace: float = 30) -> None:
     """Power a node off from outside; `reason` "stop" keeps its disk, anything else deletes it."""
     from remotefit.sandbox import pid_alive

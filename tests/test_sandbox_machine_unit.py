@@ -227,3 +227,20 @@ def test_a_jobs_torch_is_this_machines_build_in_the_wheelhouse(tmp_path: Path, m
     monkeypatch.setattr(sandbox_image, "torch_requirement", lambda: "torch==2.14.1")
     sandbox_image.wheels_for(req, tmp_path / "cache")
     assert len(ran) == 2
+
+
+def test_supervisors_are_found_by_their_node_folder_not_a_record(tmp_path: Path) -> None:
+    """`inv sandbox.down` powers off machines whose node.json is gone (a start that failed half-way)."""
+    nodes = tmp_path / "sb" / "nodes"
+    proc = tmp_path / "proc"
+
+    def fake(pid: int, *argv: str) -> None:
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+
+    fake(11, "/venv/bin/python", "-m", "remotefit.sandbox_machine", "--dir", str(nodes / "i-1"))
+    fake(12, "/venv/bin/python", "-m", "remotefit.sandbox_machine", "--dir", str(tmp_path / "other" / "nodes" / "i-2"))
+    fake(13, "/usr/sbin/sshd", "-D", "-f", str(nodes / "i-3" / "sshd_config"))
+    fake(14, "/venv/bin/python", "-m", "remotefit.sandbox_machine", "--dir")  # no folder given
+    (proc / "self").mkdir()
+    assert sandbox_machine.supervisors(nodes, proc) == {nodes / "i-1": 11}
