@@ -66,3 +66,11 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, doc)
+
+
+def publish(name: str, lines: list[str]) -> None:
+    """Print a benchmark's section, write it into docs/benchmarks.md, and say which machine measured it."""
+    md = "\n".join(lines)
+    print(md)
+    write_section(name, md)
+    print(f"machine: {machine()}")

@@ -127,10 +127,7 @@ def main() -> int:
         "|---:|---:|",
         *(f"| {n} | {ready[n]:.1f} |" for n in (1, 2)),
     ]
-    md = "\n".join(lines)
-    print(md)
-    _report.write_section("nodes", md)
-    print(f"machine: {_report.machine()}")
+    _report.publish("nodes", lines)
     return 0
 
 

@@ -116,10 +116,7 @@ def main() -> int:
         "Rounds (apply/destroy, s): "
         + "; ".join(f"{m} {a:.1f}/{d:.1f}" for m in ("loopback", "container") for a, d in rows[m]),
     ]
-    md = "\n".join(lines)
-    print(md)
-    _report.write_section("container-nodes", md)
-    print(f"machine: {_report.machine()}")
+    _report.publish("container-nodes", lines)
     return 0
 
 

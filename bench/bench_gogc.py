@@ -12,7 +12,6 @@ Usage: python -m bench.bench_gogc [--rounds 2] [--baseline 200]
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import statistics
 import subprocess
@@ -73,13 +72,9 @@ def main() -> int:
         row(args.baseline, ""),
         row(PROVIDER_GOGC, f", remotefit's (**{total(PROVIDER_GOGC) / total(args.baseline):.2f}x**)"),
     ]
-    md = "\n".join(lines)
-    print(md)
-    _report.write_section("gogc", md)
-    print(f"machine: {_report.machine()}")
+    _report.publish("gogc", lines)
     return 0
 
 
 if __name__ == "__main__":
-    os.chdir(ROOT)
     raise SystemExit(main())
