@@ -447,6 +447,7 @@ class Sandbox:
             imds=f"http://127.0.0.1:{node.imds_port}" if node.imds_port else "http://127.0.0.1:9",
             spot_service=bool(node.imds_port),
             state=str(d / "watchdog-state.json"),
+            journal=False,  # a loopback node's journal would be this machine's
             shutdown_cmd=[
                 sys.executable,
                 "-m",

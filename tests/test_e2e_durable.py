@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Project, booted, on_node, touch_on_node, watchdog_config, watchdog_tick
+from tests.conftest import Project, booted, node_record, on_node, touch_on_node, watchdog_config, watchdog_tick
 from tests.test_e2e_faults import make_job, one_error_line, run_id_of, workdir
 
 pytestmark = pytest.mark.e2e
@@ -153,17 +153,21 @@ def test_the_deadline_ends_a_training_run_after_its_checkpoint_is_in_the_bucket(
     assert cfg["deadline_epoch"], cfg  # apply's --max-hours reached the node
     # One tick of the node's own watchdog with its clock past the deadline (the node's real /proc: the run is
     # live).
-    was_booted = booted(cluster)
+    was_booted, iid = booted(cluster), node_record(cluster)["instance_id"]
     tick = watchdog_tick(cluster, cfg["deadline_epoch"] + 1)
     out = tick.stdout
     assert "action=shutdown decision=deadline" in out, out + tick.stderr
-    assert f"run {run_id} ended and its final upload is done" in out, out
+    done = f"run {run_id} ended and its final upload is done"
     if "shutdown command ran" in out:
-        assert out.index("final upload is done") < out.index("shutdown command ran"), out
+        assert done in out and out.index(done) < out.index("shutdown command ran"), out
         assert tick.returncode == 0 or was_booted, tick.stderr
-    else:  # a booted node's shutdown may take the ssh session (and the tick's last line) with it
+    else:  # a booted node's shutdown may end the ssh session before the tick's last lines left it ...
         assert was_booted and tick.returncode == 255, out + tick.stderr
     wait_terminated(cluster)
+    if was_booted:  # ... but not before they reached its journal, which its console shows after it is gone
+        console = (cluster.sandbox / "nodes" / iid / "console.log").read_text(errors="replace")
+        off = max(console.rfind(w) for w in ("Power-Off", "Powering off", "Halting", "System is powering down"))
+        assert -1 < console.rfind(done) < off, console[-3000:]
     # The node is gone; its checkpoint and the run's end are not.
     cluster.inv("pull", "--run", run_id, timeout=120)
     run = cluster.runs / "deadline" / run_id

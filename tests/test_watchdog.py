@@ -120,6 +120,7 @@ class Node:
                 "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text('x')",
                 str(self.marker),
             ],
+            "journal": False,  # this machine's journal is not a fake node's
         }
         cfg.update(overrides)
         self.config.write_text(json.dumps(cfg))
@@ -185,6 +186,41 @@ def test_deadline_shuts_down(node, capsys):
     shuts_down(d, "deadline")
     assert d["reason"].startswith("deadline 2023-11-15T01:13:20Z passed 0.0min ago"), d["reason"]
     assert node.shut_down
+
+
+@pytest.mark.parametrize("under_systemd", [False, True])
+def test_a_shutdown_also_goes_to_the_journal_unless_stdout_is_the_journal(
+    node, capsys, monkeypatch, tmp_path, under_systemd
+):
+    """A tick run by hand over ssh may lose its last lines with the session the shutdown ends: its shutdown
+    lines go to the journal too (once: a service's stdout is the journal already)."""
+    sent = []
+    fake = type(sys)("syslog")
+    fake.LOG_DAEMON, fake.LOG_NOTICE = 24, 5
+    fake.openlog = lambda *a: None
+    fake.syslog = lambda prio, msg: sent.append(msg)
+    monkeypatch.setitem(sys.modules, "syslog", fake)
+    (tmp_path / "log").touch()
+    monkeypatch.setattr(watchdog, "JOURNAL_SOCKET", str(tmp_path / "log"))
+    if under_systemd:
+        monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    else:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    node.write_config(journal=True)
+    keeps(node.tick(T0, capsys=capsys), "waiting")
+    assert sent == []  # a keep is routine: stdout only
+    d = node.tick(T0 + 3 * 3600, capsys=capsys)
+    shuts_down(d, "deadline")
+    if under_systemd:
+        assert sent == []
+    else:
+        assert len(sent) == 2 and "action=shutdown decision=deadline" in sent[0], sent
+        assert sent[1].startswith("watchdog: running ") and "shutdown command ran" in sent[1], sent
+    node.write_config(journal=False)  # loopback sandbox nodes: the journal is this machine's
+    sent.clear()
+    node.state.unlink()
+    shuts_down(node.tick(T0 + 3 * 3600, capsys=capsys), "deadline")
+    assert sent == []
 
 
 def test_deadline_wins_over_busy(node, capsys):

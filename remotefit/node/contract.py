@@ -300,6 +300,11 @@ WATCHDOG_DEFAULTS = {
     # Before a shutdown with a run still active (the deadline): SIGTERM it, then wait this long for its
     # final upload (the supervisor clears active.json once its results are in the bucket).
     "final_wait_s": KEEP_FINAL_TIMEOUT_S + 30,
+    # A shutdown's lines also go to the node's journal (syslog) when the tick's stdout is not the journal
+    # (a tick run by hand over ssh): the shutdown ends that ssh session, maybe before its last lines left,
+    # and the journal is what the console shows after the node is gone. Off for loopback sandbox nodes,
+    # whose journal would be this machine's.
+    "journal": True,
 }
 
 

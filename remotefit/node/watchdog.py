@@ -77,11 +77,28 @@ DEFAULT_CONFIG = "/etc/remotefit/watchdog.json"
 TICK_CRASHED = 3
 SSH_SESSION_PREFIXES = ("sshd: ", "sshd-session: ")  # OpenSSH >= 9.8 renamed the per-session binary
 SSM_SESSION_WORKER = "ssm-session-worker"  # the SSM agent starts one per Session Manager session
+JOURNAL_SOCKET = "/dev/log"  # journald's syslog socket
 SPOT_POLL_DEFAULT = 5.0  # seconds; AWS recommends polling spot/instance-action every 5 s
 
 
 def log(msg: str) -> None:
     print("watchdog: " + msg, flush=True)
+
+
+def to_journal(opts: argparse.Namespace, msg: str) -> str:
+    """`log(msg)`, and the same line to the node's journal (syslog) when stdout does not already go there
+    ($JOURNAL_STREAM unset: a tick run by hand over ssh, whose session the shutdown may end before its
+    last lines leave). Returns msg."""
+    log(msg)
+    if opts.journal and not os.environ.get("JOURNAL_STREAM") and os.path.exists(JOURNAL_SOCKET):
+        try:
+            import syslog
+
+            syslog.openlog("remotefit-watchdog", 0, syslog.LOG_DAEMON)
+            syslog.syslog(syslog.LOG_NOTICE, "watchdog: " + msg)
+        except OSError:
+            pass  # the line is on stdout; a journal that cannot take it must not stop the shutdown
+    return msg
 
 
 def warn(msg: str) -> None:
@@ -454,10 +471,10 @@ def tick(opts: argparse.Namespace, now: float) -> str:
             result = f" (dry run: not running {shlex.join(opts.shutdown_cmd)})"
         else:
             # Logged before acting: the shutdown may take this process with it.
-            log(f"{iso(now)} action=shutdown decision={decision} reason={reason} {' '.join(parts)}")
+            to_journal(opts, f"{iso(now)} action=shutdown decision={decision} reason={reason} {' '.join(parts)}")
             if run is not None:
-                log(last_words(opts, run, state))
-            log(f"running {shlex.join(opts.shutdown_cmd)}: {run_shutdown(opts.shutdown_cmd)}")
+                to_journal(opts, last_words(opts, run, state))
+            to_journal(opts, f"running {shlex.join(opts.shutdown_cmd)}: {run_shutdown(opts.shutdown_cmd)}")
             return action
     log(f"{iso(now)} action={action} decision={decision} reason={reason} {' '.join(parts)}{result}")
     return action
@@ -551,6 +568,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     opts.started_epoch = as_float(cfg.get("started_epoch"), "started_epoch")
     opts.spot_service = cfg.get("spot_service") is True
     opts.final_wait_s = as_float(cfg.get("final_wait_s"), "final_wait_s") or 0.0
+    opts.journal = cfg.get("journal") is not False
     return opts
 
 
