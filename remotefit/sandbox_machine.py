@@ -329,16 +329,40 @@ def wait_ssh(host: str, pid: int, timeout: float) -> bool:
     return False
 
 
-def _kill_machine(d: Path) -> None:
-    """SIGKILL the container's init (its pid namespace's PID 1): every process of the machine goes with it."""
+def _children(pid: int) -> list[int]:
     try:
-        leader = int((d / "leader").read_text())
-        comm = Path(f"/proc/{leader}/comm").read_text().strip()
+        return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except (OSError, ValueError):
-        return
-    if comm == "systemd":  # still the container's init, not a recycled pid
-        with contextlib.suppress(OSError):
-            os.kill(leader, signal.SIGKILL)
+        return []
+
+
+def _inits(supervisor: int) -> list[int]:
+    """The container inits under a supervisor (its nspawn's children in another network namespace), found
+    from /proc: a machine killed before its supervisor wrote its leader file is still found."""
+    own = os.readlink("/proc/self/ns/net")
+    found = []
+    for nspawn in _children(supervisor):
+        for kid in _children(nspawn):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{kid}/ns/net") != own:
+                    found.append(kid)
+    return found
+
+
+def _kill_machine(d: Path, inits: Sequence[int] = ()) -> None:
+    """SIGKILL the container's init (its pid namespace's PID 1): every process of the machine goes with it.
+    `inits`: those found under its supervisor before the supervisor was killed."""
+    leaders = set(inits)
+    with contextlib.suppress(OSError, ValueError):
+        leaders.add(int((d / "leader").read_text()))
+    for leader in leaders:
+        try:
+            comm = Path(f"/proc/{leader}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm in ("systemd", "init"):  # still the container's init, not a recycled pid
+            with contextlib.suppress(OSError):
+                os.kill(leader, signal.SIGKILL)
 
 
 def supervisors(nodes_dir: Path, proc: Path = Path("/proc")) -> dict[Path, int]:
@@ -369,8 +393,9 @@ def power_off(d: Path, pid: int, reason: str, grace: float = 30) -> None:
         while pid_alive(pid, "sandbox_machine") and time.monotonic() < deadline:
             time.sleep(0.1)
         if pid_alive(pid, "sandbox_machine"):
+            inits = _inits(pid)  # before the kill: an orphaned init is no longer anyone's child
             os.killpg(pid, signal.SIGKILL)
-            _kill_machine(d)  # nspawn killed outright leaves the container's init running, orphaned
+            _kill_machine(d, inits)  # nspawn killed outright leaves the container's init running, orphaned
     if (d / STOP_REASON).exists():  # the supervisor did not finish: do its part
         root = d / "root"
         if os.path.ismount(root):
@@ -483,7 +508,13 @@ def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region:
         host=ip,
     )
     atomic_write(d / "node.json", json.dumps(asdict(node)))
-    _wait_booted(sb, node, d, t0)
+    try:
+        _wait_booted(sb, node, d, t0)
+    except UserError:
+        raise  # it powered the node off and says why
+    except BaseException:  # anything else (an interrupt included): no machine is left up that no record knows
+        sb.stop_node(node)
+        raise
     return node
 
 
@@ -570,14 +601,10 @@ def _leader(nspawn_pid: int, timeout: float = 20) -> int:
     own = os.readlink("/proc/self/ns/net")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            kids = Path(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children").read_text().split()
-        except OSError:
-            kids = []
-        for kid in kids:
+        for kid in _children(nspawn_pid):
             try:
                 if os.readlink(f"/proc/{kid}/ns/net") != own:
-                    return int(kid)
+                    return kid
             except OSError:
                 continue
         time.sleep(0.02)
@@ -623,11 +650,11 @@ def _boot_once(cfg: dict[str, Any], console: Any, stopping: threading.Event, hol
     listeners: list[socket.socket] = []
     try:
         leader = _leader(proc.pid)
+        _write(Path(cfg["dir"]) / "leader", str(leader))  # at once: a power-off from outside may need it
         _configure_net(leader, cfg)
         listeners = _bind_in(leader, cfg["forwards"])
         for s, (_h, _p, to_host, to_port) in zip(listeners, cfg["forwards"], strict=True):
             threading.Thread(target=_serve, args=(s, (to_host, int(to_port))), daemon=True).start()
-        _write(Path(cfg["dir"]) / "leader", str(leader))
     except Exception as exc:  # noqa: BLE001 - a node that cannot be wired is powered off, not left half-up
         console.write(f"sandbox_machine: {exc}\n".encode())
         console.flush()

@@ -244,3 +244,39 @@ def test_supervisors_are_found_by_their_node_folder_not_a_record(tmp_path: Path)
     fake(14, "/venv/bin/python", "-m", "remotefit.sandbox_machine", "--dir")  # no folder given
     (proc / "self").mkdir()
     assert sandbox_machine.supervisors(nodes, proc) == {nodes / "i-1": 11}
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, OSError])
+def test_a_start_that_fails_after_the_spawn_powers_the_machine_off(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fault: type[BaseException]
+) -> None:
+    """Whatever stops `start` once the machine is spawned (an interrupt, an error while waiting for its sshd),
+    the machine is powered off before the error goes on: none is left holding its address unrecorded."""
+    from remotefit import proc as proc_mod
+
+    sb = Sandbox(tmp_path)
+    monkeypatch.setattr(sandbox_machine, "bridge_network", lambda: NET)
+    monkeypatch.setattr(sandbox_machine, "ensure_bridge", lambda net: "br")
+    monkeypatch.setattr(sandbox_machine, "describe", lambda *a: ("172.31.0.12", "c7i.xlarge", b"#!/bin/sh\n"))
+    monkeypatch.setattr(sandbox_image, "ensure_image", lambda variant: tmp_path / "image")
+    monkeypatch.setattr(sandbox_image, "wheelhouse", lambda: tmp_path / "wheels")
+    monkeypatch.setattr(sandbox_machine, "_answers", lambda host: False)
+    monkeypatch.setattr(sandbox_machine, "_write_seed", lambda *a: None)
+    monkeypatch.setattr(Sandbox, "_start_imds", lambda self, *a, **k: (0, 8080))
+    monkeypatch.setattr(proc_mod, "spawn_daemon", lambda *a, **k: type("P", (), {"pid": 4242})())
+
+    def wait(*_a: object) -> None:
+        raise fault("stopped while waiting")
+
+    monkeypatch.setattr(sandbox_machine, "_wait_booted", wait)
+    stopped: list[str] = []
+    monkeypatch.setattr(Sandbox, "stop_node", lambda self, node, keep_disk=False: stopped.append(node.instance_id))
+    with pytest.raises(fault):
+        sandbox_machine.start(sb, "i-0abc", "ssh-ed25519 AAAA", "http://127.0.0.1:5000", "us-east-1", "ubuntu")
+    assert stopped == ["i-0abc"]
+    # A boot that timed out has been powered off by _wait_booted itself, which says so: not a second time.
+    monkeypatch.setattr(sandbox_machine, "_wait_booted", lambda *a: (_ for _ in ()).throw(UserError("no boot")))
+    stopped.clear()
+    with pytest.raises(UserError):
+        sandbox_machine.start(sb, "i-0abc", "ssh-ed25519 AAAA", "http://127.0.0.1:5000", "us-east-1", "ubuntu")
+    assert stopped == []
