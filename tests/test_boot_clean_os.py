@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from remotefit import nodes
-from tests.conftest import require_root, requires
+from tests.conftest import ROOT, require_root, requires
 from tests.test_user_data import render_user_data
 
 pytestmark = requires("terraform", "debootstrap", "chroot", "unshare")
@@ -32,6 +32,8 @@ ROOTFS = CACHE / "debian-bookworm-minbase"
 MIRROR = os.environ.get("REMOTEFIT_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # What the boot script installs on this image; downloaded into the cached root so tests fetch only lists.
 BOOT_PACKAGES = ("python3-venv", "python3-pip", "python-is-python3")
+# The boto3 the user data pins (templates/main.tf.j2), which it installs in the node tools' venv.
+BOTO3_VERSION = re.search(r'boto3_version\s*=\s*"([^"]+)"', (ROOT / "templates" / "main.tf.j2").read_text())[1]
 CHROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C"}
 SHIM = '#!/bin/sh\necho "$(date +%s.%N) {name} $*" >> /var/log/remotefit-test-calls\n'
 
@@ -119,6 +121,28 @@ def calls(root: Path) -> list[tuple[float, str]]:
     return out
 
 
+def boto3_offline(root: Path) -> None:
+    """pip in the root finds the tool venv's boto3 (and what it needs) in a local folder, as the sandbox's
+    images do: this machine reaches its package index only through its own configuration."""
+    from remotefit import sandbox_image
+
+    house, wheels = sandbox_image.wheelhouse(), root / sandbox_image.WHEELS_MOUNT.lstrip("/")
+    wheels.mkdir(parents=True, exist_ok=True)
+    for whl in house.glob("*.whl"):
+        if whl.name.split("-")[0].lower() in (
+            "boto3",
+            "botocore",
+            "jmespath",
+            "s3transfer",
+            "python_dateutil",
+            "six",
+            "urllib3",
+        ):
+            shutil.copy2(whl, wheels)
+    (root / "etc/xdg/pip").mkdir(parents=True, exist_ok=True)
+    (root / "etc/xdg/pip/pip.conf").write_text(sandbox_image.PIP_CONF)
+
+
 def boot_log(root: Path) -> str:
     path = root / "var" / "log" / "remotefit-boot.log"
     return path.read_text(errors="replace") if path.exists() else ""
@@ -147,6 +171,7 @@ def test_boot_waits_for_the_dpkg_lock_and_python_resolves(clean_root: Path, tmp_
     root = clean_root
     assert chroot(root, "bash", "-c", "command -v python").returncode != 0  # the image has no `python`
     script = render_user_data(tmp_path, max_minutes=90, idle=15)
+    boto3_offline(root)
     with dpkg_lock_held(root):
         proc = start_boot(root, script)
         try:
@@ -202,6 +227,11 @@ def test_boot_waits_for_the_dpkg_lock_and_python_resolves(clean_root: Path, tmp_
     venv = chroot(root, "bash", "-c", "python3 -m venv /tmp/v && /tmp/v/bin/python -m pip --version")
     assert venv.returncode == 0 and "/tmp/v" in venv.stdout, venv
     assert (root / "home/ubuntu/remotefit").is_dir()
+    # The node tools' venv has boto3, installed by the system's pip (bookworm's pip 23 has --python): the
+    # venv carries no pip of its own, whose byte-compiling was a third of a small node's boot.
+    tools = chroot(root, "/opt/remotefit-tools/bin/python", "-c", "import boto3; print(boto3.__version__)")
+    assert tools.returncode == 0 and tools.stdout.strip() == BOTO3_VERSION, tools.stdout + tools.stderr + log[-3000:]
+    assert not (root / "opt/remotefit-tools/bin/pip").exists()
     # And apply's readiness check, run on this node, says ready.
     ready = chroot(root, "bash", "-c", nodes.ready_command("/home/ubuntu/remotefit"))
     assert ready.returncode == 0, ready
