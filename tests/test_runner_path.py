@@ -63,12 +63,30 @@ def test_python_is_the_node_python_through_the_shim(node_base: Path, tmp_path: P
     assert "EVIL-PYTHON" not in out
 
 
+def tiny_wheel(d: Path) -> Path:
+    """A one-module wheel, made by hand (no build backend, no index)."""
+    import zipfile
+
+    whl = d / "tinypkg_rf-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("tinypkg_rf.py", "X = 1\n")
+        z.writestr("tinypkg_rf-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: tinypkg-rf\nVersion: 1.0\n")
+        z.writestr(
+            "tinypkg_rf-1.0.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        z.writestr("tinypkg_rf-1.0.dist-info/RECORD", "")
+    return whl
+
+
 def test_job_venv_comes_first_and_pip_uses_it(node_base: Path, tmp_path: Path) -> None:
     (node_base / "jobs" / "job" / "requirements.txt").write_text("\n")
+    whl = tiny_wheel(tmp_path)
     out = run_job(
         node_base,
         'echo "WHICH=$(command -v python)"; python -c "import sys; print(\'PREFIX=\' + sys.prefix)"; '
-        'echo "PIP=$(pip --version)"; echo "VENV=$VIRTUAL_ENV"',
+        'echo "PIP=$(command -v pip) $(pip --version)"; echo "VENV=$VIRTUAL_ENV"; '
+        f"pip install -q --no-index --disable-pip-version-check {whl} >&2",
         "--requirements",
         "requirements.txt",
         env=hostile_caller_env(tmp_path),
@@ -77,7 +95,11 @@ def test_job_venv_comes_first_and_pip_uses_it(node_base: Path, tmp_path: Path) -
     (venv,) = [p for p in (node_base / "envs").iterdir() if p.is_dir()]
     assert got["WHICH"] == f"{venv}/bin/python"
     assert got["PREFIX"] == str(venv)
-    assert str(venv) in got["PIP"]  # pip runs from the job's venv
+    # pip is the venv's: its own, or (the venv made without one, the node's pip reaching it) a shim that runs
+    # the node's pip under the venv's python, which installs into the venv.
+    assert got["PIP"].startswith(f"{venv}/bin/pip pip "), got["PIP"]
+    # ... and a job's own `pip install` lands in its venv.
+    assert list(venv.glob("lib/python3*/site-packages/tinypkg_rf.py")), out
     assert got["VENV"] == str(venv)
 
 
