@@ -589,10 +589,11 @@ class Sandbox:
         if node.mode == "container":
             from remotefit import sandbox_machine
 
-            was = node.alive()
-            sandbox_machine.power_off(self.nodes_dir / node.instance_id, node.pid, "stop" if keep_disk else "terminate")
+            was, d = node.alive(), self.nodes_dir / node.instance_id
+            sandbox_machine.power_off(d, node.pid, "stop" if keep_disk else "terminate")
             self._stop_helpers(node)
-            (self.nodes_dir / node.instance_id / "node.json").unlink(missing_ok=True)
+            if d not in sandbox_machine.supervisors(self.nodes_dir):  # the record goes only with the machine
+                (d / "node.json").unlink(missing_ok=True)
             return was
         if node.watchdog_pid:
             stop_pid(node.watchdog_pid, "watchdog", grace=3)

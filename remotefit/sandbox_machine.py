@@ -387,6 +387,8 @@ def power_off(d: Path, pid: int, reason: str, grace: float = 30) -> None:
     from remotefit.sandbox import pid_alive
 
     _write(d / STOP_REASON, reason)
+    if not pid_alive(pid, "sandbox_machine"):  # a record's pid may be stale: the machine's own supervisor
+        pid = supervisors(d.parent).get(d, pid)
     if pid_alive(pid, "sandbox_machine"):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace

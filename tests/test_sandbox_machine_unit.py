@@ -280,3 +280,26 @@ def test_a_start_that_fails_after_the_spawn_powers_the_machine_off(
     with pytest.raises(UserError):
         sandbox_machine.start(sb, "i-0abc", "ssh-ed25519 AAAA", "http://127.0.0.1:5000", "us-east-1", "ubuntu")
     assert stopped == []
+
+
+def test_a_container_nodes_record_goes_only_with_its_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """stop_node forgets a node (its node.json) only once no supervisor of it runs: a machine a power-off
+    did not stop stays known to destroy and `sandbox.down`."""
+    import json
+
+    from remotefit.sandbox import SandboxNode
+
+    sb = Sandbox(tmp_path)
+    node = SandboxNode("i-0abc", 22, 4242, "ubuntu", "/home/ubuntu/remotefit", mode="container", host="172.31.0.12")
+    d = sb.nodes_dir / node.instance_id
+    d.mkdir(parents=True)
+    (d / "node.json").write_text(json.dumps({"instance_id": node.instance_id}))
+    monkeypatch.setattr(sandbox_machine, "power_off", lambda *a: None)
+    monkeypatch.setattr(Sandbox, "_stop_helpers", lambda self, n: None)
+    running = {d: 4242}
+    monkeypatch.setattr(sandbox_machine, "supervisors", lambda nodes_dir, proc=None: dict(running))
+    sb.stop_node(node)
+    assert (d / "node.json").exists()  # still up: still recorded
+    running.clear()
+    sb.stop_node(node)
+    assert not (d / "node.json").exists()
