@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,14 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:3])} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
     return took
+
+
+def cpu_of(argv: list[str], env: dict[str, str]) -> float:
+    """CPU seconds (user + system) the command and its children used; like `timed`, it must succeed."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    timed(argv, env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def main() -> int:

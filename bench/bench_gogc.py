@@ -12,22 +12,13 @@ Usage: python -m bench.bench_gogc [--rounds 2] [--baseline 200]
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import subprocess
 import tempfile
 from pathlib import Path
 
 from bench import _report
-from bench.bench_apply import INV, ROOT, project_env, timed
-
-
-def cpu_of(argv: list[str], env: dict[str, str]) -> float:
-    """CPU seconds (user + system) the command and its children used."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    timed(argv, env)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+from bench.bench_apply import INV, ROOT, cpu_of, project_env, timed
 
 
 def main() -> int:

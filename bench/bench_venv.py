@@ -17,28 +17,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
 from bench import _report
+from bench.bench_apply import ROOT
+from bench.bench_apply import cpu_of as cpu
 
-ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ROOT / "jobs" / "resnet" / "requirements.txt"
 IMPORTS = "import torch, numpy, sklearn.datasets, matplotlib.pyplot"
-
-
-def cpu(argv: list[str], env: dict[str, str]) -> float:
-    """CPU seconds (user + system) of the command and its children; it must succeed."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    res = subprocess.run(argv, env=env, capture_output=True, text=True)  # noqa: S603
-    if res.returncode != 0:
-        raise SystemExit(f"bench_venv: {' '.join(argv)} failed: {res.stdout[-800:]}{res.stderr[-800:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def tools_before(py: str, d: Path, env: dict[str, str], boto3: str) -> float:

@@ -100,9 +100,7 @@ def main() -> int:
         f"| {len(rest)} other files | {sum(f[1] for f in rest):.0f} | {sum(f[1] for f in rest) / total:.0%} "
         f"| {sum(f[3] for f in rest)} | {sum(f[2] for f in rest):.0f} |",
     ]
-    md = "\n".join(lines)
-    print(md)
-    _report.write_section("ci-cpu", md)
+    _report.publish("ci-cpu", lines)
     return 0
 
 
