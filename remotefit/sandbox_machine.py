@@ -462,7 +462,8 @@ def _write_seed(d: Path, instance_id: str, ip: str, public_key: str, user_data: 
 
 def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region: str, ssh_user: str) -> SandboxNode:
     """Boot the instance as a container (its kept disk, if it was stopped) and wait for its sshd; a node
-    that does not boot in time is powered off and its disk deleted, and the error shows its console."""
+    that does not boot in time is powered off (its disk deleted, unless it was kept) and the error shows its
+    console."""
     from remotefit import sandbox_image
     from remotefit.proc import atomic_write, spawn_daemon
     from remotefit.sandbox import SandboxNode, pid_alive
@@ -484,6 +485,7 @@ def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region:
             f"{BRIDGE_CIDR_ENV}"
         )
     d = sb.nodes_dir / instance_id
+    kept = (d / "disk").exists()  # a stopped instance started again: its disk holds the user's files
     _write_seed(d, instance_id, ip, public_key, user_data)
     imds_pid, imds_port = sb._start_imds(d, instance_id, endpoint, region, local_ipv4=ip)
     cfg = machine_config(d, sb.dir, instance_id, ip, net, bridge, str(image), str(house), endpoint, region)
@@ -511,33 +513,31 @@ def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region:
     )
     atomic_write(d / "node.json", json.dumps(asdict(node)))
     try:
-        _wait_booted(sb, node, d, t0)
-    except UserError:
-        raise  # it powered the node off and says why
-    except BaseException:  # anything else (an interrupt included): no machine is left up that no record knows
-        sb.stop_node(node)
+        _wait_booted(node, d, t0, kept)
+    except BaseException:  # no boot in time, an interrupt, any error: no machine is left up unrecorded
+        sb.stop_node(node, keep_disk=kept)  # ... and a stopped instance's disk is never deleted for it
         raise
     return node
 
 
-def _wait_booted(sb: Sandbox, node: SandboxNode, d: Path, t0: float) -> None:
-    """Wait for the node's sshd; one that does not answer in time is powered off (its disk deleted) and the
-    error shows its console's last lines."""
+def _wait_booted(node: SandboxNode, d: Path, t0: float, kept: bool) -> None:
+    """Wait for the node's sshd; for one that does not answer in time, show its console's last lines and
+    raise (the caller powers it off: its disk deleted, unless `kept`, a stopped instance's)."""
     from remotefit.proc import echo
 
     timeout = float(os.environ.get(BOOT_TIMEOUT_ENV) or DEFAULT_BOOT_TIMEOUT)
     if wait_ssh(node.host, node.pid, timeout):
         echo(f"sandbox: {node.instance_id} booted to SSH at {node.host} in {time.monotonic() - t0:.1f} s (container)")
         return
-    tail = console_tail(d)
-    sb.stop_node(node)
+    tail = console_tail(d)  # before the power-off: cloud-init's log is on the disk it may delete
     echo(
         f"sandbox node {node.instance_id}: its console's last lines:\n"
         + "\n".join(f"  | {x}" for x in tail.splitlines())
     )
+    rest = "its disk is kept (a stopped instance's)" if kept else "`inv destroy` removes the rest"
     raise UserError(
         f"sandbox node {node.instance_id} ({node.host}) did not boot to SSH within {timeout:g} s (its console is "
-        f"above; {BOOT_TIMEOUT_ENV} sets the limit); it was powered off, and `inv destroy` removes the rest"
+        f"above; {BOOT_TIMEOUT_ENV} sets the limit); it was powered off, and {rest}"
     )
 
 

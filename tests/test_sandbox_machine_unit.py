@@ -246,15 +246,19 @@ def test_supervisors_are_found_by_their_node_folder_not_a_record(tmp_path: Path)
     assert sandbox_machine.supervisors(nodes, proc) == {nodes / "i-1": 11}
 
 
-@pytest.mark.parametrize("fault", [KeyboardInterrupt, OSError])
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, OSError, UserError])
+@pytest.mark.parametrize("kept", [False, True])
 def test_a_start_that_fails_after_the_spawn_powers_the_machine_off(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fault: type[BaseException]
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fault: type[BaseException], kept: bool
 ) -> None:
-    """Whatever stops `start` once the machine is spawned (an interrupt, an error while waiting for its sshd),
-    the machine is powered off before the error goes on: none is left holding its address unrecorded."""
+    """Whatever stops `start` once the machine is spawned (no boot in time, an interrupt, an error while
+    waiting for its sshd), the machine is powered off before the error goes on: none is left holding its
+    address unrecorded. A stopped instance started again keeps its disk (the user's files) even then."""
     from remotefit import proc as proc_mod
 
     sb = Sandbox(tmp_path)
+    if kept:
+        (sb.nodes_dir / "i-0abc" / "disk" / "upper").mkdir(parents=True)
     monkeypatch.setattr(sandbox_machine, "bridge_network", lambda: NET)
     monkeypatch.setattr(sandbox_machine, "ensure_bridge", lambda net: "br")
     monkeypatch.setattr(sandbox_machine, "describe", lambda *a: ("172.31.0.12", "c7i.xlarge", b"#!/bin/sh\n"))
@@ -269,17 +273,13 @@ def test_a_start_that_fails_after_the_spawn_powers_the_machine_off(
         raise fault("stopped while waiting")
 
     monkeypatch.setattr(sandbox_machine, "_wait_booted", wait)
-    stopped: list[str] = []
-    monkeypatch.setattr(Sandbox, "stop_node", lambda self, node, keep_disk=False: stopped.append(node.instance_id))
+    stopped: list[tuple[str, bool]] = []
+    monkeypatch.setattr(
+        Sandbox, "stop_node", lambda self, node, keep_disk=False: stopped.append((node.instance_id, keep_disk))
+    )
     with pytest.raises(fault):
         sandbox_machine.start(sb, "i-0abc", "ssh-ed25519 AAAA", "http://127.0.0.1:5000", "us-east-1", "ubuntu")
-    assert stopped == ["i-0abc"]
-    # A boot that timed out has been powered off by _wait_booted itself, which says so: not a second time.
-    monkeypatch.setattr(sandbox_machine, "_wait_booted", lambda *a: (_ for _ in ()).throw(UserError("no boot")))
-    stopped.clear()
-    with pytest.raises(UserError):
-        sandbox_machine.start(sb, "i-0abc", "ssh-ed25519 AAAA", "http://127.0.0.1:5000", "us-east-1", "ubuntu")
-    assert stopped == []
+    assert stopped == [("i-0abc", kept)]
 
 
 def test_a_container_nodes_record_goes_only_with_its_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
