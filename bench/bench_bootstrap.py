@@ -29,8 +29,8 @@ CHECKOV_THE_OLD_WAY = (
 )
 
 
-def fresh_clone(base: Path, name: str) -> Path:
-    dest = base / name
+def fresh_clone(base: Path) -> Path:
+    dest = Path(tempfile.mkdtemp(dir=base)) / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True)
     # The working tree's bootstrap, so that an uncommitted change is what is measured.
     shutil.copy2(ROOT / "scripts" / "bootstrap", dest / "scripts" / "bootstrap")
@@ -44,10 +44,10 @@ def outside_any_venv() -> dict[str, str]:
     return env
 
 
-def run_in(clone: Path, argv: list[str]) -> tuple[float, float]:
-    """(wall s, CPU s) of one command in `clone`; it must succeed."""
+def run_in(clone: Path, script: str) -> tuple[float, float]:
+    """(wall s, CPU s) of a shell line run in `clone`; it must succeed."""
     t0 = time.perf_counter()
-    cpu = cpu_of(["bash", "-c", f'cd "{clone}" && {argv[0]}'], outside_any_venv())
+    cpu = cpu_of(["bash", "-c", f'cd "{clone}" && {script}'], outside_any_venv())
     return time.perf_counter() - t0, cpu
 
 
@@ -57,17 +57,18 @@ def main() -> int:
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="remotefit-bench-bootstrap-"))
     ways = {
-        "before: checkov's venv after the project venv": ["scripts/bootstrap --no-checkov && " + CHECKOV_THE_OLD_WAY],
-        "now: checkov's venv beside the project venv": ["scripts/bootstrap"],
+        "before: checkov's venv after the project venv": "scripts/bootstrap --no-checkov && " + CHECKOV_THE_OLD_WAY,
+        "now: checkov's venv beside the project venv": "scripts/bootstrap",
     }
     got: dict[str, list[tuple[float, float]]] = {w: [] for w in ways}
     try:
         for r in range(args.rounds):
             order = list(ways) if r % 2 == 0 else list(reversed(ways))
             for way in order:
-                clone = fresh_clone(base, f"r{r}-{len(got[way])}-{'now' if way.startswith('now') else 'before'}")
+                clone = fresh_clone(base)
                 got[way].append(run_in(clone, ways[way]))
-                assert (clone / ".venv-checkov" / "bin" / "checkov").exists(), f"{way}: no checkov"
+                if not (clone / ".venv-checkov" / "bin" / "checkov").exists():  # it only warns: not comparable
+                    raise SystemExit(f"bench_bootstrap: {way}: checkov was not installed")
                 print(f"round {r} {way}: {got[way][-1][0]:.1f} s wall, {got[way][-1][1]:.1f} CPU-s")
                 shutil.rmtree(clone)
     finally:
