@@ -20,7 +20,6 @@ from remotefit.proc import atomic_write, ensure_writable
 TERRAFORM_REQUIRED_VERSION = ">= 1.11"
 # The mirrored provider is 5.100; 5.60 brought everything the templates use.
 AWS_PROVIDER_CONSTRAINT = ">= 5.60, < 6.0"
-ENDPOINT_SERVICES = ("ec2", "iam", "s3", "ssm", "sts")
 # Files the templates read with file()/templatefile(), copied beside the rendered .tf files (from the
 # installed remotefit/node/ package data).
 NODE_FILES = USER_DATA_FILES
@@ -30,7 +29,6 @@ def template_context() -> dict[str, Any]:
     return {
         "terraform_required_version": TERRAFORM_REQUIRED_VERSION,
         "aws_provider_constraint": AWS_PROVIDER_CONSTRAINT,
-        "endpoint_services": ENDPOINT_SERVICES,
     }
 
 

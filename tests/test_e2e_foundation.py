@@ -108,6 +108,23 @@ def test_plan_runs_against_the_s3_backend(module_project):
     assert (p.generated / "testacct.tfvars").exists()
 
 
+def test_sandbox_provider_refuses_an_account_the_stage_was_not_written_for(module_project):
+    """The sandbox's provider block has no endpoints (AWS_ENDPOINT_URL carries moto's); so that a hand-run
+    with other credentials cannot act on another account, it accepts only the owner's account. Here the
+    owner is said to be in another account than moto's caller: the provider refuses once STS names the caller."""
+    p = module_project
+    gen = p.generated
+    (provider,) = hcl2.loads((gen / "terraform" / "providers.tf").read_text())["provider"]
+    aws = plain(provider)["aws"]
+    assert "endpoints" not in aws and "allowed_account_ids" in aws
+    env = {**p.env, **p.workspace().aws_env(), "TF_CLI_CONFIG_FILE": str(gen / "terraformrc"), "TF_INPUT": "0"}
+    argv = ["terraform", f"-chdir={gen / 'terraform'}", "plan", "-no-color", f"-var-file={gen / 'testacct.tfvars'}"]
+    res = subprocess.run(
+        [*argv, "-var", "owner=arn:aws:iam::999999999999:user/someone"], capture_output=True, text=True, env=env
+    )
+    assert res.returncode != 0 and "AWS account ID not allowed: 123456789012" in res.stderr, res.stdout + res.stderr
+
+
 def test_state_lock_is_held_in_the_bucket_and_reported(module_project):
     """A real `terraform apply` waiting at its approval prompt holds the S3 lock object; `inv plan` meanwhile
     fails with one line naming that lock; answering 'no' releases it."""

@@ -98,7 +98,7 @@ def test_undefined_variable_names_template_line_and_variable(tmp_path):
 
 
 def test_undefined_attribute_is_also_caught(tmp_path):
-    tpl = make_templates(tmp_path, a__tf__j2="# ok\n# {{ endpoint_services.nope.deeper }}\n")
+    tpl = make_templates(tmp_path, a__tf__j2="# ok\n# {{ aws_provider_constraint.nope.deeper }}\n")
     with pytest.raises(UserError) as info:
         render_templates(tpl, template_context())
     assert info.value.message.startswith("templates/a.tf.j2:2: ")
