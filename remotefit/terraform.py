@@ -24,9 +24,10 @@ from remotefit.proc import run, run_tee
 MIN_VERSION = (1, 11, 0)
 # Go's garbage collector target for Terraform and the AWS provider it starts (plugins inherit the
 # environment). The provider walks its whole schema in every walk of a command (PrepareProviderConfig: ~2
-# CPU-s here, three walks per apply, twice that with an `endpoints` block, which is why providers.tf has
-# none), allocating as it goes; at Go's default (100) a quarter of its CPU is collection. 400: apply + plan + destroy 0.91x the CPU of 200 (bench/bench_gogc.py), one `terraform validate`
-# ~0.72x that of 100, for ~100 MB more peak memory per provider (~730 MB). A GOGC set by the user wins.
+# CPU-s here, three walks per apply; twice that with an `endpoints` block, which is why providers.tf has
+# none), allocating as it goes; at Go's default (100) a quarter of its CPU is collection. 400: apply + plan +
+# destroy 0.91x the CPU of 200 (bench/bench_gogc.py), one `terraform validate` ~0.72x that of 100, for
+# ~100 MB more peak memory per provider (~730 MB). A GOGC set by the user wins.
 PROVIDER_GOGC = "400"
 # What a person needs to see of apply/destroy; the whole output goes to generated/terraform/last-*.log.
 PROGRESS = re.compile(

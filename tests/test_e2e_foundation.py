@@ -120,7 +120,11 @@ def test_sandbox_provider_refuses_an_account_the_stage_was_not_written_for(modul
     env = {**p.env, **p.workspace().aws_env(), "TF_CLI_CONFIG_FILE": str(gen / "terraformrc"), "TF_INPUT": "0"}
     argv = ["terraform", f"-chdir={gen / 'terraform'}", "plan", "-no-color", f"-var-file={gen / 'testacct.tfvars'}"]
     res = subprocess.run(
-        [*argv, "-var", "owner=arn:aws:iam::999999999999:user/someone"], capture_output=True, text=True, env=env
+        [*argv, "-var", "owner=arn:aws:iam::999999999999:user/someone"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
     )
     assert res.returncode != 0 and "AWS account ID not allowed: 123456789012" in res.stderr, res.stdout + res.stderr
 
