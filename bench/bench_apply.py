@@ -60,6 +60,17 @@ def cpu_of(argv: list[str], env: dict[str, str]) -> float:
     return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
+def cpu_total(per_step: dict[str, list[float]]) -> float:
+    """The sum of each step's median CPU seconds."""
+    return sum(statistics.median(v) for v in per_step.values())
+
+
+def cpu_row(name: str, per_step: dict[str, list[float]], label: str = "") -> str:
+    """A markdown row: `name` + `label`, each step's median CPU seconds, then their total."""
+    cells = " | ".join(f"{statistics.median(v):.1f}" for v in per_step.values())
+    return f"| {name}{label} | {cells} | {cpu_total(per_step):.1f} |"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)

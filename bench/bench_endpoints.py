@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import tempfile
 from pathlib import Path
 
 from bench import _report
-from bench.bench_apply import INV, ROOT, cpu_of, project_env, timed
+from bench.bench_apply import INV, ROOT, cpu_of, cpu_row, cpu_total, project_env, timed
 
 # What templates/providers.tf.j2 held before: every service remotefit calls, pointed at the sandbox.
 OLD_BLOCK = """provider "aws" {
@@ -76,13 +75,6 @@ def main() -> int:
         override.unlink(missing_ok=True)
         subprocess.run([INV, "sandbox.down"], cwd=ROOT, env=env, capture_output=True, check=False)
 
-    def total(way: str) -> float:
-        return sum(statistics.median(v) for v in cpu[way].values())
-
-    def row(way: str, label: str = "") -> str:
-        cells = " | ".join(f"{statistics.median(cpu[way][s]):.1f}" for s in steps)
-        return f"| {way}{label} | {cells} | {total(way):.1f} |"
-
     lines = [
         "## The AWS provider's `endpoints` block (`bench/bench_endpoints.py`)",
         "",
@@ -95,8 +87,10 @@ def main() -> int:
         "",
         "| | apply | plan | destroy | total |",
         "|---|---:|---:|---:|---:|",
-        row(WAYS[0]),
-        row(WAYS[1], f", remotefit's now (**{total(WAYS[1]) / total(WAYS[0]):.2f}x**)"),
+        cpu_row(WAYS[0], cpu[WAYS[0]]),
+        cpu_row(
+            WAYS[1], cpu[WAYS[1]], f", remotefit's now (**{cpu_total(cpu[WAYS[1]]) / cpu_total(cpu[WAYS[0]]):.2f}x**)"
+        ),
     ]
     _report.publish("endpoints", lines)
     return 0

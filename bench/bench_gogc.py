@@ -12,13 +12,12 @@ Usage: python -m bench.bench_gogc [--rounds 2] [--baseline 200]
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import tempfile
 from pathlib import Path
 
 from bench import _report
-from bench.bench_apply import INV, ROOT, cpu_of, project_env, timed
+from bench.bench_apply import INV, ROOT, cpu_of, cpu_row, cpu_total, project_env, timed
 
 
 def main() -> int:
@@ -43,13 +42,6 @@ def main() -> int:
     finally:
         subprocess.run([INV, "sandbox.down"], cwd=ROOT, env=env, capture_output=True, check=False)
 
-    def total(gogc: str) -> float:
-        return sum(statistics.median(v) for v in cpu[gogc].values())
-
-    def row(gogc: str, label: str) -> str:
-        cells = " | ".join(f"{statistics.median(cpu[gogc][s]):.1f}" for s in steps)
-        return f"| GOGC={gogc}{label} | {cells} | {total(gogc):.1f} |"
-
     lines = [
         "## Terraform's Go GC target (`bench/bench_gogc.py`)",
         "",
@@ -60,8 +52,12 @@ def main() -> int:
         "",
         "| | apply | plan | destroy | total |",
         "|---|---:|---:|---:|---:|",
-        row(args.baseline, ""),
-        row(PROVIDER_GOGC, f", remotefit's (**{total(PROVIDER_GOGC) / total(args.baseline):.2f}x**)"),
+        cpu_row(f"GOGC={args.baseline}", cpu[args.baseline]),
+        cpu_row(
+            f"GOGC={PROVIDER_GOGC}",
+            cpu[PROVIDER_GOGC],
+            f", remotefit's (**{cpu_total(cpu[PROVIDER_GOGC]) / cpu_total(cpu[args.baseline]):.2f}x**)",
+        ),
     ]
     _report.publish("gogc", lines)
     return 0

@@ -17,6 +17,7 @@ import pytest
 from botocore.config import Config
 
 from remotefit.sandbox import descendants
+from tests.test_e2e_nodes import tf_env
 
 pytestmark = pytest.mark.e2e
 
@@ -117,15 +118,9 @@ def test_sandbox_provider_refuses_an_account_the_stage_was_not_written_for(modul
     (provider,) = hcl2.loads((gen / "terraform" / "providers.tf").read_text())["provider"]
     aws = plain(provider)["aws"]
     assert "endpoints" not in aws and "allowed_account_ids" in aws
-    env = {**p.env, **p.workspace().aws_env(), "TF_CLI_CONFIG_FILE": str(gen / "terraformrc"), "TF_INPUT": "0"}
-    argv = ["terraform", f"-chdir={gen / 'terraform'}", "plan", "-no-color", f"-var-file={gen / 'testacct.tfvars'}"]
-    res = subprocess.run(
-        [*argv, "-var", "owner=arn:aws:iam::999999999999:user/someone"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-    )
+    argv = ["terraform", f"-chdir={gen / 'terraform'}", "plan", "-input=false", "-no-color"]
+    argv += [f"-var-file={gen / 'testacct.tfvars'}", "-var", "owner=arn:aws:iam::999999999999:user/someone"]
+    res = subprocess.run(argv, capture_output=True, text=True, env=tf_env(p, p.workspace()), timeout=180)
     assert res.returncode != 0 and "AWS account ID not allowed: 123456789012" in res.stderr, res.stdout + res.stderr
 
 
