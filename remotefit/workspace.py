@@ -179,8 +179,14 @@ class Workspace:
         times between parallel regions (libgomp's default, PyTorch's OpenMP on Linux) burn the CPU the rest
         needs: beside two busy processes the CPU resnet job took 1.5x the wall time and 1.6x the CPU
         (bench/bench_omp.py), while a short spin was as fast on an idle machine. A real node is the job's
-        own, so it keeps OpenMP's default."""
-        return {"GOMP_SPINCOUNT": "10000"} if self.settings.is_sandbox else {}
+        own, so it keeps OpenMP's default. $REMOTEFIT_SANDBOX_THREADS also sets OMP_NUM_THREADS, where
+        several sandboxes share the cores (sandbox.job_threads)."""
+        if not self.settings.is_sandbox:
+            return {}
+        from remotefit.sandbox import job_threads
+
+        threads = job_threads()
+        return {"GOMP_SPINCOUNT": "10000"} | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
 
     def caller_cidr(self, override: str | None = None, i_know: bool = False) -> str:
         """The only CIDR allowed to reach SSH: --allow-cidr, or this machine's public address."""

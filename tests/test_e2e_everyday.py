@@ -115,7 +115,7 @@ def test_pass_env_reaches_the_job_and_is_written_down_nowhere(node: Project, tmp
         "os.makedirs('outputs', exist_ok=True)\n"
         "open('outputs/seen.txt', 'w').write(hashlib.sha256(v.encode()).hexdigest() + '\\n')\n"
         "print('optional set:', 'NOT_SET_ANYWHERE' in os.environ, '| other:', os.environ.get('OTHER'))\n"
-        "print('spin:', os.environ.get('GOMP_SPINCOUNT'))\n"
+        "print('spin:', os.environ.get('GOMP_SPINCOUNT'), '| threads:', os.environ.get('OMP_NUM_THREADS'))\n"
     )
     p.env["MY_TOKEN"] = token
     try:
@@ -124,7 +124,9 @@ def test_pass_env_reaches_the_job_and_is_written_down_nowhere(node: Project, tmp
         del p.env["MY_TOKEN"]
     assert "NOT_SET_ANYWHERE (job.toml pass_env, optional) is not set here" in res.stderr
     assert "optional set: False | other: visible-by-choice" in res.stdout
-    assert "spin: 10000" in res.stdout  # the sandbox's default for every job (its nodes share this machine's cores)
+    # The sandbox's defaults for every job (its nodes share this machine's cores): a short spin, and the
+    # threads REMOTEFIT_SANDBOX_THREADS gives each job (conftest sets it when xdist runs several workers).
+    assert f"spin: 10000 | threads: {p.env.get('REMOTEFIT_SANDBOX_THREADS')}\n" in res.stdout
     out = next((p.runs / "secretive").iterdir())
     assert (out / "seen.txt").read_text().strip() == hashlib.sha256(token.encode()).hexdigest()
     info = json.loads((out / "run.json").read_text())

@@ -153,13 +153,23 @@ def test_the_sandbox_never_asks_the_service(tmp_path: Path, ip_service, monkeypa
     assert ws.caller_cidr() == "127.0.0.1/32" and ip_service.hits == 0
 
 
-def test_only_sandbox_jobs_get_a_short_openmp_spin(tmp_path: Path) -> None:
-    """A real node is the job's own (OpenMP's default spin is right there); sandbox nodes share this machine's
-    cores, where long-spinning threads burn the CPU the others need (bench/bench_omp.py)."""
+def test_only_sandbox_jobs_get_a_short_openmp_spin_and_a_share_of_the_threads(tmp_path: Path, monkeypatch) -> None:
+    """A real node is the job's own (OpenMP's defaults are right there); sandbox nodes share this machine's
+    cores, where long-spinning threads burn the CPU the others need (bench/bench_omp.py), and where several
+    sandboxes at once each get the threads REMOTEFIT_SANDBOX_THREADS says."""
+    from remotefit.sandbox import THREADS_ENV
+
+    monkeypatch.setenv(THREADS_ENV, "1")
     ws = aws_ws(tmp_path)
     assert ws.job_env_defaults() == {}
     ws.settings = ws.settings.model_copy(update={"TARGET": "sandbox"})
+    assert ws.job_env_defaults() == {"GOMP_SPINCOUNT": "10000", "OMP_NUM_THREADS": "1"}
+    monkeypatch.delenv(THREADS_ENV)
     assert ws.job_env_defaults() == {"GOMP_SPINCOUNT": "10000"}
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(THREADS_ENV, bad)
+        with pytest.raises(UserError, match=f"REMOTEFIT_SANDBOX_THREADS='{bad}' is not a whole number of threads"):
+            ws.job_env_defaults()
 
 
 # -- the SSM AMI resolver ----------------------------------------------------------------------

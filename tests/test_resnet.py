@@ -21,9 +21,11 @@ TINY = ["--data", "digits", "--width", "8", "--image-size", "16", "--batch-size"
 
 def env(**extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if k not in ("REMOTEFIT_OUTPUTS", "WORLD_SIZE", "RANK")}
-    # The short OpenMP spin sandbox jobs get (Workspace.job_env_defaults): these runs share CI's 2 cores with
-    # its other workers, where threads spinning between parallel regions burn the CPU the others need.
-    e.update(OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", GOMP_SPINCOUNT="10000")
+    # What sandbox jobs get (Workspace.job_env_defaults): these runs share CI's 2 cores with its other workers,
+    # where threads spinning between parallel regions, or more threads than a worker's share of the cores
+    # (conftest sets REMOTEFIT_SANDBOX_THREADS), burn the CPU the others need.
+    threads = os.environ.get("REMOTEFIT_SANDBOX_THREADS") or "2"
+    e.update(OMP_NUM_THREADS=threads, PYTHONUNBUFFERED="1", GOMP_SPINCOUNT="10000")
     e.update(extra)
     return e
 
