@@ -341,3 +341,30 @@ def wheels_for(requirements: Path, cache: Path | None = None) -> Path:
             f"only from {house} ({failed}); fix the file, or use loopback nodes (REMOTEFIT_SANDBOX_NODES=loopback)"
         )
     return house
+
+
+def prebuild() -> tuple[int, str]:
+    """(exit code, one line) for `python -m remotefit.sandbox_image`: build the CPU node image now, where
+    container nodes will boot it. scripts/bootstrap runs this beside its pip installs, so neither the first
+    `inv apply` nor the test suite's first end-to-end tests wait the ~1-2 min of a build. Stdlib only: it
+    runs before the venv exists."""
+    from remotefit import sandbox_machine
+
+    if os.environ.get("REMOTEFIT_SANDBOX_NODES", "").strip() == "loopback":
+        return 0, "node image: not built (REMOTEFIT_SANDBOX_NODES=loopback)"
+    why_not = sandbox_machine.available()
+    if why_not is not None:
+        return 0, f"node image: not built ({why_not}; the sandbox uses loopback nodes)"
+    if ready():
+        return 0, f"node image: ready ({image_dir()})"
+    try:
+        img = ensure_image(echo=False)
+    except UserError as exc:
+        return 1, f"node image: {exc.args[0]}"
+    return 0, f"node image: built ({img})"
+
+
+if __name__ == "__main__":
+    code, line = prebuild()
+    print(line, flush=True)
+    sys.exit(code)

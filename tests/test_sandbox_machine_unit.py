@@ -75,6 +75,38 @@ def test_the_image_recipe_names_its_folder() -> None:
     assert sandbox_image.debootstrap_argv(Path("/t"), "http://m")[-3:] == ["bookworm", "/t", "http://m"]
 
 
+def test_bootstraps_prebuild_of_the_image_says_one_line_and_fails_only_on_a_failed_build(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`python -m remotefit.sandbox_image` (scripts/bootstrap, beside its pip installs): builds where container
+    nodes will boot, says why not elsewhere, and exits non-zero only when a build failed."""
+    monkeypatch.setenv("REMOTEFIT_CACHE", str(tmp_path))
+    built: list[str] = []
+    monkeypatch.setattr(sandbox_image, "ensure_image", lambda echo: built.append("cpu") or tmp_path / "img")
+    monkeypatch.setenv("REMOTEFIT_SANDBOX_NODES", "loopback")
+    assert sandbox_image.prebuild() == (0, "node image: not built (REMOTEFIT_SANDBOX_NODES=loopback)")
+    monkeypatch.delenv("REMOTEFIT_SANDBOX_NODES")
+    monkeypatch.setattr(sandbox_machine, "available", lambda: "container nodes need root")
+    assert sandbox_image.prebuild() == (
+        0,
+        "node image: not built (container nodes need root; the sandbox uses loopback nodes)",
+    )
+    monkeypatch.setattr(sandbox_machine, "available", lambda: None)
+    assert sandbox_image.prebuild() == (0, f"node image: built ({tmp_path / 'img'})") and built == ["cpu"]
+    marker = sandbox_image.image_dir() / ".remotefit-image"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("{}")
+    assert sandbox_image.prebuild() == (0, f"node image: ready ({marker.parent})") and built == ["cpu"]
+    marker.unlink()
+
+    def fails(echo: bool) -> Path:
+        raise UserError("the sandbox node image failed to build at 'debootstrap' (exit 1); see /x.log")
+
+    monkeypatch.setattr(sandbox_image, "ensure_image", fails)
+    code, line = sandbox_image.prebuild()
+    assert code == 1 and line.startswith("node image: the sandbox node image failed to build") and "\n" not in line
+
+
 def test_node_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     sb = Sandbox(tmp_path)
     monkeypatch.setenv("REMOTEFIT_SANDBOX_NODES", "loopback")
