@@ -324,6 +324,11 @@ class Sandbox:
             srv = None
         if srv and stop_pid(srv.pid, "moto"):
             stopped.append(f"moto server (pid {srv.pid}, port {srv.port})")
+        from remotefit import sandbox_provider
+
+        provider = sandbox_provider.stop(self.dir)
+        if provider:
+            stopped.append(f"AWS provider (pid {provider})")
         self.record.unlink(missing_ok=True)
         self.recording.unlink(missing_ok=True)  # a deliberate down starts afresh
         self._forget_nodes()
@@ -628,6 +633,11 @@ class Sandbox:
             if srv
             else "moto server: not running (`inv sandbox.up` restores its state and re-adopts live nodes)"
         ]
+        from remotefit import sandbox_provider
+
+        provider = sandbox_provider.read(self.dir)
+        if provider:
+            lines.append(f"AWS provider: pid {provider.get('pid')}, reattached by each Terraform command")
         try:
             mode, why = self.node_mode()
             lines.append(f"new nodes: {mode} ({why})")

@@ -155,6 +155,10 @@ def terraform(ws: Workspace, with_cloud: bool = True) -> Terraform:
         else:
             echo(f"warning: invoke.yaml terraform_mirror {mirror} does not exist; using the Terraform registry")
     tf = Terraform(ws.defaults.terraform_binary, ws.paths.terraform_dir, env)
+    if with_cloud and ws.settings.is_sandbox:
+        from remotefit import sandbox_provider
+
+        tf.provider_env = lambda: sandbox_provider.reattach_env(ws.sandbox.dir, tf.workdir, tf.env)
     tf.version()  # before writing anything: a missing or old terraform leaves generated/ as it was
     if "TF_CLI_CONFIG_FILE" in env:
         atomic_write(rc, terraformrc_text(Path(mirror)))

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -140,6 +141,12 @@ class Terraform:
         self.env = {"TF_IN_AUTOMATION": "1", "TF_INPUT": "0", "CHECKPOINT_DISABLE": "1", **env}
         if "GOGC" not in os.environ:
             self.env.setdefault("GOGC", PROVIDER_GOGC)
+        # The environment for the commands that run the provider (plan, apply, destroy, show): on the sandbox,
+        # TF_REATTACH_PROVIDERS naming a provider it keeps running (sandbox_provider.py); {} = Terraform's own.
+        self.provider_env: Callable[[], dict[str, str]] = dict
+
+    def _provider_env(self) -> dict[str, str]:
+        return {**self.env, **self.provider_env()}
 
     def version(self) -> tuple[int, int, int]:
         if not shutil.which(self.binary):
@@ -167,7 +174,8 @@ class Terraform:
         return ver
 
     def _run(self, argv: list[str], what: str, quiet: bool = False) -> str:
-        code, out = run_tee(argv, cwd=self.workdir, env=self.env, quiet=quiet, show=PROGRESS)
+        env = self.env if what == "init" else self._provider_env()
+        code, out = run_tee(argv, cwd=self.workdir, env=env, quiet=quiet, show=PROGRESS)
         log = self.workdir / f"last-{what}.log"
         with contextlib.suppress(OSError):
             log.write_text(out)
@@ -183,7 +191,7 @@ class Terraform:
     ) -> int:
         """Return 0 (no changes) or 2 (changes) with -detailed-exitcode; raise on errors."""
         argv = plan_argv(self.binary, tfvars, detailed=detailed, destroy=destroy, out=out)
-        code, out = run_tee(argv, cwd=self.workdir, env=self.env, quiet=quiet)
+        code, out = run_tee(argv, cwd=self.workdir, env=self._provider_env(), quiet=quiet)
         if code == 2 and detailed:
             return 2
         if code != 0:
@@ -198,7 +206,9 @@ class Terraform:
         return self._run(apply_plan_argv(self.binary, planfile), "apply", quiet=quiet)
 
     def show_json(self, planfile: Path) -> dict[str, Any]:
-        res = run(show_json_argv(self.binary, planfile), cwd=self.workdir, env=self.env, capture=True, check=False)
+        res = run(
+            show_json_argv(self.binary, planfile), cwd=self.workdir, env=self._provider_env(), capture=True, check=False
+        )
         if res.returncode != 0:
             raise failure("terraform show failed", res.stderr + res.stdout)
         return dict(json.loads(res.stdout or "{}"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -51,9 +52,12 @@ def test_demo_runs_the_whole_life_cycle_and_leaves_nothing(tmp_path: Path) -> No
     assert summary["final_test_acc"] > 0.9  # measured ≈ 0.99 with the demo settings
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run_dir / "run.json").read_text())["exit_code"] == 0
-    # Nothing left running: no moto server record, no sshd node.
+    # Nothing left running: no moto server record, no AWS provider, no sshd node.
     sandbox = kept_dir(p.generated / "demo", remotefit_home(p.env)) / "sandbox"
     assert not (sandbox / "moto.json").exists()
+    assert "stopped AWS provider (pid " in err and not (sandbox / "provider.json").exists()
+    provider_pid = int(re.search(r"stopped AWS provider \(pid (\d+)\)", err)[1])
+    assert not _live(provider_pid)
     assert not list(sandbox.glob("nodes/*/node.json"))
     for f in sandbox.glob("nodes/*/sshd.pid"):
         pid = int(f.read_text().strip() or 0)
@@ -107,6 +111,7 @@ def test_demo_interrupted_mid_fit_cleans_up_and_says_what(tmp_path: Path) -> Non
     assert "cleaning up:" in err
     assert "verified: nothing tagged stage=demo is left" in err  # asked of moto before it stopped
     assert f"stopped moto server (pid {moto}" in err
+    assert "stopped AWS provider (pid " in err  # the sandbox's provider daemon (sandbox_provider.py) too
     assert "Traceback" not in err
     # It was interrupted in the fit stage: every stage before it finished, the fit did not.
     timings = json.loads((p.generated / "demo" / "timings.json").read_text())

@@ -107,6 +107,14 @@ def test_plan_runs_against_the_s3_backend(module_project):
     assert backend["config"]["use_lockfile"] is True
     assert backend["config"]["endpoints"]["s3"] == endpoint(p)
     assert (p.generated / "testacct.tfvars").exists()
+    # Terraform reattached to the sandbox's AWS provider (sandbox_provider.py), which outlives the command
+    # and serves the next one: the same process, listed by sandbox.status (and stopped by sandbox.down, below).
+    rec = json.loads((p.sandbox / "provider.json").read_text())
+    assert alive(rec["pid"]) and f'"Pid":{rec["pid"]}' in rec["reattach"]
+    again = p.inv("plan", timeout=300)
+    assert "Plan:" in again.stdout + again.stderr
+    assert json.loads((p.sandbox / "provider.json").read_text())["pid"] == rec["pid"]
+    assert f"AWS provider: pid {rec['pid']}, reattached by each Terraform command" in p.inv("sandbox.status").stdout
 
 
 def test_sandbox_provider_refuses_an_account_the_stage_was_not_written_for(module_project):
@@ -223,14 +231,17 @@ def test_sandbox_down_leaves_no_process(module_project, tmp_path, monkeypatch):
     started = {"moto server": server(p)["pid"], "sshd": node.pid, "watchdog": node.watchdog_pid, "master": master}
     started |= {"metadata service": node.imds_pid, "spot poller": node.spot_pid}
     started |= {f"ssh session {pid}": pid for pid in sessions}
+    started["AWS provider"] = json.loads((sandbox / "provider.json").read_text())["pid"]  # since the plans above
     assert sessions and all(alive(pid) for pid in started.values()), started
 
     res = p.inv("sandbox.down", timeout=120)
     assert f"stopped moto server (pid {started['moto server']}" in res.stdout
+    assert f"stopped AWS provider (pid {started['AWS provider']})" in res.stdout
     assert f"stopped sshd node i-0f0undat10n00000 (port {node.port})" in res.stdout
     deadline = time.monotonic() + 10  # the master leaves once it sees its connection closed
     while [pid for pid in started.values() if alive(pid)] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [name for name, pid in started.items() if alive(pid)]
     assert not (sandbox / "moto.json").exists() and not list(sandbox.glob("nodes/*/node.json"))
+    assert not (sandbox / "provider.json").exists()
     assert p.inv("sandbox.down", timeout=60).stdout.strip() == "the sandbox was not running"
