@@ -9,8 +9,9 @@ provider it did not start. The calls a command makes are the same; only the proc
 
 Real AWS keeps Terraform's own way (a provider per walk, nothing left running). Terraform starts its own
 provider here too whenever the daemon cannot serve: before `terraform init` installed the provider, under
-TF_LOG (a reattached provider logs to its own output, not TF_LOG_PATH), with AWS_CA_BUNDLE set (the provider
-refuses to configure the same CA twice), or when the daemon did not start. `inv sandbox.down` stops it.
+TF_LOG (a reattached provider logs to its own output, not TF_LOG_PATH), or when the daemon did not start.
+The daemon gets no AWS_CA_BUNDLE: moto is plain http on loopback, and the provider refuses to add the same CA
+twice, which a second configure of one process would. `inv sandbox.down` stops it.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from remotefit.proc import atomic_write, locked, spawn_daemon
+from remotefit.proc import atomic_write, locked
 
 RECORD = "provider.json"
 MARKER = "terraform-provider-aws"
@@ -49,7 +51,7 @@ def daemon_key(binary: Path, env: Mapping[str, str]) -> str:
 
 
 def usable(env: Mapping[str, str]) -> bool:
-    return not (env.get("TF_LOG") or env.get("AWS_CA_BUNDLE") or env.get(DAEMON_ENV, "").strip() == "0")
+    return not (env.get("TF_LOG") or env.get(DAEMON_ENV, "").strip() == "0")
 
 
 def _serving(rec: dict[str, object]) -> bool:
@@ -65,7 +67,7 @@ def _serving(rec: dict[str, object]) -> bool:
 def reattach_env(sandbox_dir: Path, tfdir: Path, env: Mapping[str, str]) -> dict[str, str]:
     """{"TF_REATTACH_PROVIDERS": ...} naming this sandbox's provider daemon (started if needed), or {} where
     Terraform should start its own provider (see the module's docstring)."""
-    full = {**os.environ, **env}
+    full = {k: v for k, v in {**os.environ, **env}.items() if k != "AWS_CA_BUNDLE"}
     binary = provider_binary(tfdir)
     if binary is None or not usable(full):
         return {}
@@ -78,7 +80,15 @@ def reattach_env(sandbox_dir: Path, tfdir: Path, env: Mapping[str, str]) -> dict
         stop(sandbox_dir)
         log = sandbox_dir / "provider.log"
         log.unlink(missing_ok=True)
-        proc = spawn_daemon([str(binary), "-debug"], log, env=env)
+        with open(log, "ab") as fh:  # as proc.spawn_daemon, with `full` as the whole environment
+            proc = subprocess.Popen(  # noqa: S603
+                [str(binary), "-debug"],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=full,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and proc.poll() is None:
             m = _REATTACH.search(log.read_text(errors="replace"))

@@ -21,7 +21,7 @@ sock="$(dirname "$0")/sock.$$"
 echo "Provider started. To attach Terraform CLI, set the TF_REATTACH_PROVIDERS environment variable with the following:"
 echo ""
 printf "\\tBash:\\texport TF_REATTACH_PROVIDERS='{\\"registry.terraform.io/hashicorp/aws\\":{\\"Protocol\\":\\"grpc\\",\\"ProtocolVersion\\":5,\\"Pid\\":%s,\\"Test\\":true,\\"Addr\\":{\\"Network\\":\\"unix\\",\\"String\\":\\"%s\\"}}}'\\n" $$ "$sock"
-echo "endpoint=$AWS_ENDPOINT_URL"
+echo "endpoint=$AWS_ENDPOINT_URL ca=${AWS_CA_BUNDLE:-none}"
 sleep 600
 """
 
@@ -37,7 +37,7 @@ def fake_provider(tfdir: Path, script: str = FAKE) -> Path:
 
 @pytest.fixture
 def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    for name in ("TF_LOG", "AWS_CA_BUNDLE", sandbox_provider.DAEMON_ENV):
+    for name in ("TF_LOG", sandbox_provider.DAEMON_ENV):
         monkeypatch.delenv(name, raising=False)
     sandbox, tfdir = tmp_path / "sandbox", tmp_path / "tf"
     yield sandbox, tfdir
@@ -52,11 +52,11 @@ def test_no_provider_installed_means_terraforms_own(dirs) -> None:
 def test_one_daemon_serves_every_command_until_its_environment_changes(dirs) -> None:
     sandbox, tfdir = dirs
     fake_provider(tfdir)
-    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "GOGC": "400"}
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "GOGC": "400", "AWS_CA_BUNDLE": "/x.pem"}  # moto is http
     first = sandbox_provider.reattach_env(sandbox, tfdir, env)["TF_REATTACH_PROVIDERS"]
     pid = json.loads(first)["registry.terraform.io/hashicorp/aws"]["Pid"]
     assert pid_alive(pid, sandbox_provider.MARKER)
-    assert "endpoint=http://127.0.0.1:1" in (sandbox / "provider.log").read_text()  # it read the sandbox's env
+    assert "endpoint=http://127.0.0.1:1 ca=none" in (sandbox / "provider.log").read_text()  # the sandbox's env
     assert sandbox_provider.reattach_env(sandbox, tfdir, env) == {"TF_REATTACH_PROVIDERS": first}  # reused
     # The moto server moved: a new daemon that reads the new endpoint, the old one stopped.
     moved = sandbox_provider.reattach_env(sandbox, tfdir, env | {"AWS_ENDPOINT_URL": "http://127.0.0.1:2"})
@@ -77,9 +77,7 @@ def test_a_dead_daemon_is_replaced(dirs) -> None:
     assert again["registry.terraform.io/hashicorp/aws"]["Pid"] != pid
 
 
-@pytest.mark.parametrize(
-    "env", [{"TF_LOG": "debug"}, {"AWS_CA_BUNDLE": "/x.pem"}, {"REMOTEFIT_SANDBOX_PROVIDER_DAEMON": "0"}]
-)
+@pytest.mark.parametrize("env", [{"TF_LOG": "debug"}, {"REMOTEFIT_SANDBOX_PROVIDER_DAEMON": "0"}])
 def test_where_a_daemon_cannot_serve_terraform_starts_its_own(dirs, env: dict[str, str]) -> None:
     sandbox, tfdir = dirs
     fake_provider(tfdir)
