@@ -211,6 +211,19 @@ def _configure(root: Path) -> None:
     (root / "etc/machine-id").write_text("")  # systemd makes one per boot, as on a fresh instance
 
 
+def discard(tmp: Path) -> None:
+    """Remove a half-built image. A build killed mid-way (Ctrl-C, a stopped bootstrap) leaves debootstrap's
+    /proc and /sys mounted in it: unmount those first, or removing the folder would walk into them."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        mounts = []
+    inside = [m.split()[1] for m in mounts if len(m.split()) > 1 and m.split()[1].startswith(f"{tmp}/")]
+    for point in sorted(inside, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)  # noqa: S603, S607
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ensure_image(cache: Path | None = None, echo: bool = True, variant: str = "cpu") -> Path:
     """The cached image, built first if missing (a lock keeps two builders apart). A failed build is
     one line with its log's path; nothing half-built is ever used."""
@@ -230,7 +243,7 @@ def ensure_image(cache: Path | None = None, echo: bool = True, variant: str = "c
             )
         log = build_log(cache, variant)
         tmp = img.with_name(img.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         mirror = os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR
         if base is None:
             steps = build_steps(tmp, mirror)
@@ -245,7 +258,7 @@ def ensure_image(cache: Path | None = None, echo: bool = True, variant: str = "c
                 fh.flush()
                 res = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=CHROOT_ENV, timeout=1800)  # noqa: S603
                 if res.returncode != 0:
-                    shutil.rmtree(tmp, ignore_errors=True)
+                    discard(tmp)
                     raise UserError(
                         f"the sandbox node image failed to build at '{what}' (exit {res.returncode}); "
                         f"see {log}; set {MIRROR_ENV} to a reachable Debian mirror, or use loopback nodes "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 from pathlib import Path
 
@@ -335,3 +336,13 @@ def test_a_container_nodes_record_goes_only_with_its_machine(monkeypatch: pytest
     running.clear()
     sb.stop_node(node)
     assert not (d / "node.json").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root (CI runs as root)")
+def test_a_half_built_image_with_debootstraps_mounts_is_removed_without_walking_into_them(tmp_path: Path) -> None:
+    """A build killed mid-way leaves debootstrap's /proc mounted in the image's .tmp folder."""
+    tmp = tmp_path / "debian-bookworm-cpu-x.tmp"
+    (tmp / "proc").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "proc", "proc", str(tmp / "proc")], check=True)
+    sandbox_image.discard(tmp)
+    assert f"{tmp}/" not in Path("/proc/self/mounts").read_text() and not tmp.exists()
