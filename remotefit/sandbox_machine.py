@@ -26,6 +26,7 @@ import ctypes
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -137,6 +138,65 @@ def nspawn_argv(cfg: dict[str, Any]) -> list[str]:
         # instance still leaves what it did (the watchdog's decisions included) in console.log.
         "systemd.journald.forward_to_console=1",
     ]
+
+
+def cgroup_homes(proc_cgroup: str, mountinfo: str) -> list[Path]:
+    """Where this process sits in the cgroup hierarchies a container's systemd writes to: the named v1
+    `name=systemd` one and the unified (v2) one, as directories of this machine. Pure: reads the texts of
+    /proc/self/cgroup and /proc/self/mountinfo."""
+    mine = {}
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            mine[parts[1]] = parts[2]
+    homes = []
+    for line in mountinfo.splitlines():
+        pre, sep, post = line.partition(" - ")
+        fields, rest = pre.split(), post.split()
+        if not sep or len(fields) < 5 or len(rest) < 3:
+            continue
+        fstype, opts = rest[0], rest[2].split(",")
+        key = "" if fstype == "cgroup2" else "name=systemd" if fstype == "cgroup" and "name=systemd" in opts else None
+        if key is not None and key in mine:
+            homes.append(Path(fields[4]) / mine[key].lstrip("/"))
+    return homes
+
+
+def node_cgroups(homes: Sequence[Path], instance_id: str) -> list[Path]:
+    """The node's own cgroup in each hierarchy. nspawn (--keep-unit, no machined to ask) roots the container
+    in `<its own cgroup>/payload`: started where we are, every container shared one `payload`, so their
+    systemds managed the same `system.slice/*` cgroups, one removing another's between its mkdir and its
+    attach (a unit failing with 219/CGROUP: systemd-user-sessions, then /run/nologin kept every ssh login
+    out). On EC2 each instance has a kernel of its own; here each node gets a cgroup subtree of its own."""
+    return [home / f"remotefit-{instance_id}" for home in homes]
+
+
+def in_cgroups_argv(cgroups: Sequence[Path], argv: Sequence[str]) -> list[str]:
+    """`argv`, started inside `cgroups` (a shell that moves itself, then execs it)."""
+    procs = " ".join(shlex.quote(str(cg / "cgroup.procs")) for cg in cgroups)
+    enter = 'echo $$ > "$f" || echo "sandbox_machine: could not enter $f; the node shares its cgroup" >&2'
+    return ["sh", "-c", f'for f in {procs}; do {enter}; done; exec "$@"', "sh", *argv]
+
+
+def _make_cgroups(cgroups: Sequence[Path]) -> list[Path]:
+    """Create the node's cgroups where this machine lets us (those it does not are left out)."""
+    made = []
+    for cg in cgroups:
+        with contextlib.suppress(OSError):
+            cg.mkdir(exist_ok=True)
+            made.append(cg)
+    return made
+
+
+def _remove_cgroups(cgroups: Sequence[Path]) -> None:
+    """Remove a node's cgroup trees, deepest first (cgroupfs removes a directory that has no processes)."""
+    for cg in cgroups:
+        if not cg.is_dir():
+            continue
+        dirs = sorted((p for p, _d, _f in os.walk(cg)), key=lambda p: p.count(os.sep), reverse=True)
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 def overlay_argv(image: str, disk: Path, root: Path) -> list[str]:
@@ -647,7 +707,11 @@ def _configure_net(leader: int, cfg: dict[str, Any]) -> None:
 
 def _boot_once(cfg: dict[str, Any], console: Any, stopping: threading.Event, holder: dict[str, Any]) -> int:
     _prepare_disk(cfg)
-    proc = subprocess.Popen(nspawn_argv(cfg), stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # noqa: S603
+    homes = cgroup_homes(Path("/proc/self/cgroup").read_text(), Path("/proc/self/mountinfo").read_text())
+    cgroups = node_cgroups(homes, cfg["instance_id"])
+    _remove_cgroups(cgroups)  # a previous boot's (a reboot, a killed container)
+    argv = in_cgroups_argv(_make_cgroups(cgroups), nspawn_argv(cfg))
+    proc = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # noqa: S603
     holder["proc"] = proc
     listeners: list[socket.socket] = []
     try:
@@ -666,6 +730,7 @@ def _boot_once(cfg: dict[str, Any], console: Any, stopping: threading.Event, hol
     rc = proc.wait()
     for s in listeners:
         s.close()
+    _remove_cgroups(cgroups)
     return rc
 
 

@@ -251,6 +251,23 @@ class TestGpuProfileNodes:
         version, cuda = res.stdout.split()
         assert version.startswith("2.") and cuda == "False"  # CUDA is absent, and said so below
 
+    def test_each_node_runs_in_a_cgroup_of_its_own(self, gpu_nodes: Project) -> None:
+        # Two systemds sharing one cgroup tree removed each other's unit cgroups mid-boot (219/CGROUP: a
+        # failed systemd-user-sessions left /run/nologin, and no ssh login ever got in).
+        p = gpu_nodes
+        seen = []
+        for i in (0, 1):
+            iid = node_record(p, i)["instance_id"]
+            leader = (node_dir(p, iid) / "leader").read_text().strip()
+            cgroups = Path(f"/proc/{leader}/cgroup").read_text().splitlines()
+            named = [c.split(":", 2)[2] for c in cgroups if c.split(":")[1] in ("name=systemd", "")]
+            assert named and all(f"/remotefit-{iid}/payload" in c for c in named), cgroups
+            seen.append(named)
+        assert seen[0] != seen[1]
+        for i in (0, 1):  # and every unit of their boot started (none failed to attach to its cgroup)
+            failed = p.ssh(f"rf-test-{i}", "systemctl --failed --no-legend --plain")
+            assert "CGROUP" not in failed.stdout and "user-sessions" not in failed.stdout, failed.stdout
+
     def test_gloo_torchrun_across_two_nodes_over_the_bridge(self, gpu_nodes: Project, tmp_path: Path) -> None:
         p = gpu_nodes
         job = tmp_path / "dist"

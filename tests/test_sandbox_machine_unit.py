@@ -346,3 +346,41 @@ def test_a_half_built_image_with_debootstraps_mounts_is_removed_without_walking_
     subprocess.run(["mount", "-t", "proc", "proc", str(tmp / "proc")], check=True)
     sandbox_image.discard(tmp)
     assert f"{tmp}/" not in Path("/proc/self/mounts").read_text() and not tmp.exists()
+
+
+MOUNTINFO = """\
+30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+32 30 0:28 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+33 30 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+"""
+
+
+def test_each_node_gets_a_cgroup_of_its_own_in_the_hierarchies_its_systemd_writes() -> None:
+    # Hybrid (this CI machine): the name=systemd v1 hierarchy and the unified one; not cpu & co (read-only in
+    # the container). Nested under wherever we run, as nspawn nests its own payload.
+    homes = sandbox_machine.cgroup_homes("3:cpu:/\n1:name=systemd:/ci/job\n0::/ci/job\n", MOUNTINFO)
+    assert homes == [Path("/sys/fs/cgroup/unified/ci/job"), Path("/sys/fs/cgroup/systemd/ci/job")]
+    # cgroup v2 only (a current laptop): one hierarchy at /sys/fs/cgroup.
+    v2 = "25 20 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+    assert sandbox_machine.cgroup_homes("0::/user.slice/session-1.scope\n", v2) == [
+        Path("/sys/fs/cgroup/user.slice/session-1.scope")
+    ]
+    assert sandbox_machine.node_cgroups(homes[:1], "i-1") == [Path("/sys/fs/cgroup/unified/ci/job/remotefit-i-1")]
+
+
+def test_the_container_starts_inside_its_cgroups_and_they_go_with_it(tmp_path: Path) -> None:
+    # A stand-in cgroupfs: the shell writes its own pid into each cgroup.procs, then execs the command (same pid).
+    cgs = sandbox_machine._make_cgroups([tmp_path / "a" / "remotefit-i-1", tmp_path / "b" / "remotefit-i-1"])
+    assert cgs == []  # parents missing: left out, not an error
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cgs = sandbox_machine._make_cgroups([tmp_path / "a" / "remotefit-i-1", tmp_path / "b" / "remotefit-i-1"])
+    argv = sandbox_machine.in_cgroups_argv(cgs, ["sh", "-c", "echo $$"])
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+    assert [(cg / "cgroup.procs").read_text().strip() for cg in cgs] == [out, out]
+    for cg in cgs:
+        (cg / "cgroup.procs").unlink()  # cgroupfs has no files to delete; rmdir removes the directory
+        (cg / "payload" / "system.slice").mkdir(parents=True)
+    sandbox_machine._remove_cgroups(cgs)
+    assert not any(cg.exists() for cg in cgs)
