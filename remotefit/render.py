@@ -84,11 +84,21 @@ def check_hcl(name: str, text: str) -> dict[str, Any]:
         ) from None
 
 
+def holds(path: Path, text: str) -> bool:
+    """Whether `path` already holds exactly `text`. We write rendered HCL only after check_hcl passed, and the
+    same text parses the same way, so an unchanged file needs no second parse (python-hcl2 loads a ~0.3 CPU-s
+    parser per process: most `inv` runs re-render what is already there)."""
+    try:
+        return path.read_text() == text
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def render_terraform(templates: Path, out_dir: Path, context: Mapping[str, Any] | None = None) -> list[Path]:
     """Render templates into `out_dir`, checking every file before writing any of them."""
     rendered = render_templates(templates, context or template_context())
     for name, text in rendered.items():
-        if name.endswith(".tf"):
+        if name.endswith(".tf") and not holds(out_dir / name, text):
             check_hcl(f"generated/terraform/{name} (from templates/{name}.j2)", text)
     ensure_writable(out_dir)
     written = []
@@ -161,7 +171,8 @@ def hcl_assignments(values: Mapping[str, Any]) -> str:
 def write_hcl_file(path: Path, values: Mapping[str, Any], header: str) -> Path:
     """Write `key = value` lines (a tfvars or backend config), checked with python-hcl2, atomically."""
     text = f"# {header}\n" + hcl_assignments(values)
-    check_hcl(path.name, text)
+    if not holds(path, text):
+        check_hcl(path.name, text)
     ensure_writable(path.parent)
     atomic_write(path, text)
     return path

@@ -360,3 +360,26 @@ def test_terraform_and_its_provider_run_with_a_lazier_gc_unless_the_user_set_one
     monkeypatch.setenv("GOGC", "50")
     tf = Terraform(str(probe), tmp_path, {})
     assert run([str(probe)], env=tf.env, capture=True).stdout.strip() == "GOGC=50"
+
+
+def test_unchanged_hcl_is_not_parsed_again(tmp_path, monkeypatch):
+    # Every `inv` run re-renders generated/; what is already there passed the check when it was written.
+    calls = []
+    real = hcl2.loads
+    monkeypatch.setattr(hcl2, "loads", lambda text: calls.append(text) or real(text))
+    tpl = make_templates(tmp_path, main__tf__j2=GOOD_TF)
+    out = tmp_path / "out"
+    render_terraform(tpl, out)
+    write_hcl_file(tmp_path / "x.tfvars", {"v": 1}, "test")
+    assert len(calls) == 2
+    render_terraform(tpl, out)
+    write_hcl_file(tmp_path / "x.tfvars", {"v": 1}, "test")
+    assert len(calls) == 2
+    # A changed value, or a file changed by hand, is checked again.
+    write_hcl_file(tmp_path / "x.tfvars", {"v": 2}, "test")
+    (out / "main.tf").write_text("locals {}\n")
+    render_terraform(tpl, out)
+    assert len(calls) == 4
+    (tpl / "main.tf.j2").write_text("locals {\n  a = = 1\n}\n")
+    with pytest.raises(UserError, match="does not parse"):
+        render_terraform(tpl, out)
