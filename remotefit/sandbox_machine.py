@@ -155,9 +155,13 @@ def cgroup_homes(proc_cgroup: str, mountinfo: str) -> list[Path]:
         fields, rest = pre.split(), post.split()
         if not sep or len(fields) < 5 or len(rest) < 3:
             continue
-        fstype, opts = rest[0], rest[2].split(",")
-        key = "" if fstype == "cgroup2" else "name=systemd" if fstype == "cgroup" and "name=systemd" in opts else None
-        if key is not None and key in mine:
+        if rest[0] == "cgroup2":
+            key = ""
+        elif rest[0] == "cgroup" and "name=systemd" in rest[2].split(","):
+            key = "name=systemd"
+        else:
+            continue
+        if key in mine:
             homes.append(Path(fields[4]) / mine[key].lstrip("/"))
     return homes
 
