@@ -359,14 +359,19 @@ def describe(endpoint: str, region: str, instance_id: str) -> tuple[str, str, by
 
 def console_tail(d: Path, lines: int = 15) -> str:
     """The node's console (nspawn's output: the spawn and the power-off), then what cloud-init printed on it
-    (/var/log/cloud-init-output.log on the node's disk), the last `lines` of each."""
+    (/var/log/cloud-init-output.log on the node's disk), the last `lines` of each; then the supervisor's own
+    log, which is empty unless the machine could not be started (a traceback, a failed mount)."""
     out = []
-    for path in (d / "console.log", d / "disk/upper/var/log/cloud-init-output.log"):
+    for path, label in (
+        (d / "console.log", ""),
+        (d / "disk/upper/var/log/cloud-init-output.log", ""),
+        (d / "machine.log", "its supervisor: "),
+    ):
         try:
             text = path.read_text(errors="replace")
         except OSError:
             continue
-        out += [ln for ln in text.splitlines() if ln.strip()][-lines:]
+        out += [label + ln for ln in text.splitlines() if ln.strip()][-lines:]
     return "\n".join(out) or "(no console output)"
 
 
@@ -588,17 +593,24 @@ def _wait_booted(node: SandboxNode, d: Path, t0: float, kept: bool) -> None:
     """Wait for the node's sshd; for one that does not answer in time, show its console's last lines and
     raise (the caller powers it off: its disk deleted, unless `kept`, a stopped instance's)."""
     from remotefit.proc import echo
+    from remotefit.sandbox import pid_alive
 
     timeout = float(os.environ.get(BOOT_TIMEOUT_ENV) or DEFAULT_BOOT_TIMEOUT)
     if wait_ssh(node.host, node.pid, timeout):
         echo(f"sandbox: {node.instance_id} booted to SSH at {node.host} in {time.monotonic() - t0:.1f} s (container)")
         return
+    waited = time.monotonic() - t0
     tail = console_tail(d)  # before the power-off: cloud-init's log is on the disk it may delete
     echo(
         f"sandbox node {node.instance_id}: its console's last lines:\n"
         + "\n".join(f"  | {x}" for x in tail.splitlines())
     )
     rest = "its disk is kept (a stopped instance's)" if kept else "`inv destroy` removes the rest"
+    if not pid_alive(node.pid, "sandbox_machine"):  # not slow: the machine ended (or never started)
+        raise UserError(
+            f"sandbox node {node.instance_id} ({node.host}) stopped {waited:.0f} s after it was started, before "
+            f"its sshd answered (its console and supervisor log are above; its folder is {d}); {rest}"
+        )
     raise UserError(
         f"sandbox node {node.instance_id} ({node.host}) did not boot to SSH within {timeout:g} s (its console is "
         f"above; {BOOT_TIMEOUT_ENV} sets the limit); it was powered off, and {rest}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -392,3 +393,31 @@ def test_a_cgroup_that_cannot_be_entered_is_a_console_line_and_the_node_still_bo
     res = subprocess.run(sandbox_machine.in_cgroups_argv([cg], ["echo", "booted"]), capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout == "booted\n"
     assert f"could not enter {cg}/cgroup.procs; the node shares its cgroup" in res.stderr
+
+
+def test_a_machine_that_ends_before_its_sshd_is_named_as_stopped_with_its_supervisors_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A supervisor that dies before the container starts (a failed mount, a traceback) leaves no console:
+    the error must say the machine stopped, at once, and show the supervisor's log, not a boot timeout."""
+    from remotefit.sandbox import SandboxNode
+
+    d = tmp_path / "i-dead"
+    d.mkdir()
+    (d / "console.log").write_text("")
+    (d / "machine.log").write_text("Traceback (most recent call last):\nCalledProcessError: mount exited 32\n")
+    # A process whose command line names the supervisor, and which exits at once, as a crashed one does.
+    proc = subprocess.Popen(["sh", "-c", "exit 1", "remotefit.sandbox_machine"])  # noqa: S603, S607
+    proc.wait()
+    node = SandboxNode("i-dead", 22, proc.pid, "ubuntu", "/w", mode="container", host="127.0.0.9")
+    monkeypatch.setenv(sandbox_machine.BOOT_TIMEOUT_ENV, "60")
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as err:
+        sandbox_machine._wait_booted(node, d, t0, kept=False)
+    assert time.monotonic() - t0 < 10  # not the 60 s timeout: a dead machine is not waited for
+    msg = str(err.value)
+    assert "stopped 0 s after it was started, before its sshd answered" in msg and "inv destroy" in msg, msg
+    assert "within 60 s" not in msg
+    cap = capsys.readouterr()
+    out = cap.out + cap.err
+    assert "its supervisor: CalledProcessError: mount exited 32" in out, out
