@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from remotefit import sandbox_moto
@@ -64,19 +64,22 @@ def free_port(prefer: int | None = None) -> int:
         return int(s.getsockname()[1])
 
 
-def pid_alive(pid: int, marker: str) -> bool:
-    """True when `pid` runs (not a zombie) and its command line holds `marker` (a recycled pid is not
-    ours: these daemons' records keep no start time)."""
+def pid_alive(pid: int, marker: str, started: int | None = None) -> bool:
+    """True when `pid` runs (not a zombie), its command line holds `marker`, and, where its record kept
+    it, it started at `started` (contract.start_ticks). The marker tells the kinds of daemon apart, the
+    start time one daemon from another of its kind: this machine's pids wrap (pid_max 32768; the test
+    suite starts ~33,000 processes and more threads), so a dead node's pid soon names another node's."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return marker in cmdline and contract.pid_alive(pid)
+    return marker in cmdline and contract.pid_alive(pid, started)
 
 
-def stop_pid(pid: int, marker: str, grace: float = 5.0) -> bool:
-    """SIGTERM the process group of `pid`, then SIGKILL after `grace`; True if something was stopped."""
-    if not pid_alive(pid, marker):
+def stop_pid(pid: int, marker: str, grace: float = 5.0, started: int | None = None) -> bool:
+    """SIGTERM the process group of `pid`, then SIGKILL after `grace`; True if something was stopped.
+    Nothing is signalled unless `pid` is still the process its record names (pid_alive)."""
+    if not pid_alive(pid, marker, started):
         return False
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -88,7 +91,7 @@ def stop_pid(pid: int, marker: str, grace: float = 5.0) -> bool:
                 return True
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            if not pid_alive(pid, marker):
+            if not pid_alive(pid, marker, started):
                 _reap(pid)
                 return True
             time.sleep(0.05)
@@ -114,12 +117,12 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def stop_sshd(pid: int, grace: float = 3.0) -> bool:
+def stop_sshd(pid: int, grace: float = 3.0, started: int | None = None) -> bool:
     """Stop a node's sshd listener AND its open connections with what they run. Each connection's sshd
     calls setsid(), so stopping the listener's process group spares them: a client's ControlMaster
     (ControlPersist 10m) would keep a "terminated" node's session running. True if the listener ran."""
-    sessions = descendants(pid) if pid_alive(pid, "sshd") else []
-    stopped = stop_pid(pid, "sshd", grace=grace)
+    sessions = descendants(pid) if pid_alive(pid, "sshd", started) else []
+    stopped = stop_pid(pid, "sshd", grace=grace, started=started)
     for s in sessions:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(s, signal.SIGTERM)
@@ -144,6 +147,7 @@ class Server:
     pid: int
     port: int
     started_at: float
+    pid_start: int | None = None  # contract.start_ticks: with the pid, it names this server (pids wrap)
 
     @property
     def endpoint(self) -> str:
@@ -191,7 +195,9 @@ class Sandbox:
             srv = Server(**json.loads(self.record.read_text()))
         except (OSError, ValueError, TypeError):
             return None
-        if pid_alive(srv.pid, "moto") and any(_answers(srv.endpoint) for _ in range(3)):  # may answer late
+        if pid_alive(srv.pid, "moto", srv.pid_start) and any(
+            _answers(srv.endpoint) for _ in range(3)
+        ):  # may answer late
             return srv
         return None
 
@@ -210,8 +216,10 @@ class Sandbox:
             stale = Server(**json.loads(self.record.read_text()))
         except (OSError, ValueError, TypeError):
             stale = None
-        if stale and pid_alive(stale.pid, "moto"):
-            stop_pid(stale.pid, "moto")  # running but deaf: stop it rather than leave a second server behind
+        if stale and pid_alive(stale.pid, "moto", stale.pid_start):
+            stop_pid(
+                stale.pid, "moto", started=stale.pid_start
+            )  # running but deaf: stop it rather than leave a second server behind
         # Decided before the new server answers anything (its own start-up probes are recorded too).
         fresh = not self.recording.exists() or self.recording.stat().st_size == 0
         slot = self._ip_slot()
@@ -234,7 +242,7 @@ class Sandbox:
                     **SANDBOX_REGION_CREDENTIALS,
                 },
             )
-            srv = Server(pid=proc.pid, port=port, started_at=time.time())
+            srv = Server(pid=proc.pid, port=port, started_at=time.time(), pid_start=contract.start_ticks(proc.pid))
             deadline = time.monotonic() + 60
             answered = False
             while proc.poll() is None and time.monotonic() < deadline:
@@ -298,8 +306,8 @@ class Sandbox:
             cmd[cmd.index("--endpoint") + 1] = endpoint
         atomic_write(d / "watchdog.json", json.dumps(config))
         if node.watchdog_pid:
-            stop_pid(node.watchdog_pid, "watchdog", grace=3)
-        node.watchdog_pid = self._spawn_watchdog(d, node)
+            stop_pid(node.watchdog_pid, "watchdog", grace=3, started=node.started(node.watchdog_pid))
+        node.watchdog_pid = node.note(self._spawn_watchdog(d, node))
         atomic_write(d / "node.json", json.dumps(asdict(node)))
         return True
 
@@ -322,7 +330,7 @@ class Sandbox:
             srv = Server(**json.loads(self.record.read_text()))
         except (OSError, ValueError, TypeError):
             srv = None
-        if srv and stop_pid(srv.pid, "moto"):
+        if srv and stop_pid(srv.pid, "moto", started=srv.pid_start):
             stopped.append(f"moto server (pid {srv.pid}, port {srv.port})")
         from remotefit import sandbox_provider
 
@@ -411,11 +419,12 @@ class Sandbox:
                 stop_pid(imds[0], "sandbox_imds")
             raise
         node = SandboxNode(instance_id=instance_id, port=port, pid=pid, user=user, workdir=str(home / "remotefit"))
+        node.note(pid)
         if imds:
-            node.imds_pid, node.imds_port = imds
+            node.imds_pid, node.imds_port = node.note(imds[0]), imds[1]
         if endpoint:  # only once the node is reachable: a failed start leaves no watchdog looping
-            node.watchdog_pid = self._start_watchdog(d, node, endpoint, region, max_hours, idle_minutes)
-            node.spot_pid = self._spawn_spot_poll(d, node)
+            node.watchdog_pid = node.note(self._start_watchdog(d, node, endpoint, region, max_hours, idle_minutes))
+            node.spot_pid = node.note(self._spawn_spot_poll(d, node))
         atomic_write(d / "node.json", json.dumps(asdict(node)))
         return node
 
@@ -554,9 +563,9 @@ class Sandbox:
     def _stop_helpers(self, node: SandboxNode) -> None:
         """The node's metadata service and spot poller: off with the machine."""
         if node.spot_pid:
-            stop_pid(node.spot_pid, "--spot-poll", grace=3)
+            stop_pid(node.spot_pid, "--spot-poll", grace=3, started=node.started(node.spot_pid))
         if node.imds_pid:
-            stop_pid(node.imds_pid, "sandbox_imds", grace=3)
+            stop_pid(node.imds_pid, "sandbox_imds", grace=3, started=node.started(node.imds_pid))
 
     def interrupt(self, instance_id: str, seconds: float, endpoint: str, region: str) -> str:
         """What AWS does to a spot instance it reclaims: the notice on the node's IMDS now (action terminate
@@ -599,10 +608,10 @@ class Sandbox:
             self.stop_node(node)  # the machine powers off; its disk goes with the terminated instance
         elif node:
             _stop_active_run(Path(node.workdir))
-            stop_sshd(node.pid)
+            stop_sshd(node.pid, started=node.started(node.pid))
             (self.nodes_dir / instance_id / "node.json").unlink(missing_ok=True)
             self._stop_helpers(node)
-            if node.watchdog_pid and pid_alive(node.watchdog_pid, "watchdog"):
+            if node.watchdog_pid and pid_alive(node.watchdog_pid, "watchdog", node.started(node.watchdog_pid)):
                 os.kill(node.watchdog_pid, signal.SIGTERM)  # the machine is "off": its watchdog too
 
     def stop_node(self, node: SandboxNode, keep_disk: bool = False) -> bool:
@@ -611,16 +620,16 @@ class Sandbox:
             from remotefit import sandbox_machine
 
             was, d = node.alive(), self.nodes_dir / node.instance_id
-            sandbox_machine.power_off(d, node.pid, "stop" if keep_disk else "terminate")
+            sandbox_machine.power_off(d, node.pid, "stop" if keep_disk else "terminate", started=node.started(node.pid))
             self._stop_helpers(node)
             if d not in sandbox_machine.supervisors(self.nodes_dir):  # the record goes only with the machine
                 (d / "node.json").unlink(missing_ok=True)
             return was
         if node.watchdog_pid:
-            stop_pid(node.watchdog_pid, "watchdog", grace=3)
+            stop_pid(node.watchdog_pid, "watchdog", grace=3, started=node.started(node.watchdog_pid))
         self._stop_helpers(node)
         _stop_active_run(Path(node.workdir))  # a terminated machine runs no jobs
-        stopped = stop_sshd(node.pid)
+        stopped = stop_sshd(node.pid, started=node.started(node.pid))
         f = self.nodes_dir / node.instance_id / "node.json"
         f.unlink(missing_ok=True)
         return stopped
@@ -693,11 +702,24 @@ class SandboxNode:
     spot_pid: int | None = None  # its spot-notice poller (watchdog.py --spot-poll)
     mode: str = "loopback"  # or "container": pid is its sandbox_machine supervisor, host its bridge IP
     host: str = "127.0.0.1"
+    # {pid: start time} of the processes above, noted as each was spawned (see pid_alive: pids wrap). A
+    # record from before this field has none, and is checked by marker alone.
+    starts: dict[str, int] = field(default_factory=dict)
+
+    def note(self, pid: int | None) -> int | None:
+        """Keep the start time of `pid`, a process just spawned for this node; returns the pid."""
+        ticks = contract.start_ticks(pid) if pid else None
+        if pid and ticks is not None:
+            self.starts[str(pid)] = ticks
+        return pid
+
+    def started(self, pid: int | None) -> int | None:
+        return self.starts.get(str(pid)) if pid else None
 
     def alive(self) -> bool:
         if self.mode == "container":
-            return pid_alive(self.pid, "sandbox_machine") and _port_open(self.port, self.host)
-        return pid_alive(self.pid, "sshd") and _port_open(self.port)
+            return pid_alive(self.pid, "sandbox_machine", self.started(self.pid)) and _port_open(self.port, self.host)
+        return pid_alive(self.pid, "sshd", self.started(self.pid)) and _port_open(self.port)
 
 
 def sshd_config_text(

@@ -299,8 +299,9 @@ def _serving(sandbox_dir: Path) -> bool:
     from remotefit.sandbox import pid_alive
 
     try:
-        return pid_alive(int(json.loads((sandbox_dir / "moto.json").read_text())["pid"]), "moto")
-    except (OSError, ValueError, KeyError, TypeError):
+        rec = json.loads((sandbox_dir / "moto.json").read_text())
+        return pid_alive(int(rec["pid"]), "moto", rec.get("pid_start"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
@@ -383,11 +384,12 @@ def _answers(host: str) -> bool:
         return False
 
 
-def wait_ssh(host: str, pid: int, timeout: float) -> bool:
+def wait_ssh(host: str, pid: int, timeout: float, started: int | None = None) -> bool:
+    """Whether the node's sshd answers within `timeout` while its supervisor `pid` runs."""
     from remotefit.sandbox import pid_alive
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and pid_alive(pid, "sandbox_machine"):
+    while time.monotonic() < deadline and pid_alive(pid, "sandbox_machine", started):
         try:
             with socket.create_connection((host, 22), timeout=0.5) as s:
                 if s.recv(4).startswith(b"SSH-"):
@@ -425,13 +427,22 @@ def _kill_machine(d: Path, inits: Sequence[int] = ()) -> None:
     with contextlib.suppress(OSError, ValueError):
         leaders.add(int((d / "leader").read_text()))
     for leader in leaders:
-        try:
-            comm = Path(f"/proc/{leader}/comm").read_text().strip()
-        except OSError:
-            continue
-        if comm in ("systemd", "init"):  # still the container's init, not a recycled pid
+        if is_machine_init(leader, d.name):
             with contextlib.suppress(OSError):
                 os.kill(leader, signal.SIGKILL)
+
+
+def is_machine_init(pid: int, instance_id: str, proc: Path = Path("/proc")) -> bool:
+    """Whether `pid` is still this node's container init, not a recycled pid: an init, and in the node's own
+    cgroup where it has one (another node's init sits in its own `remotefit-<id>`)."""
+    try:
+        comm = (proc / str(pid) / "comm").read_text().strip()
+        cgroups = (proc / str(pid) / "cgroup").read_text()
+    except OSError:
+        return False
+    if comm not in ("systemd", "init"):
+        return False
+    return f"/remotefit-{instance_id}/" in cgroups or "/remotefit-i-" not in cgroups
 
 
 def supervisors(nodes_dir: Path, proc: Path = Path("/proc")) -> dict[Path, int]:
@@ -451,19 +462,20 @@ def supervisors(nodes_dir: Path, proc: Path = Path("/proc")) -> dict[Path, int]:
     return found
 
 
-def power_off(d: Path, pid: int, reason: str, grace: float = 30) -> None:
-    """Power a node off from outside; `reason` "stop" keeps its disk, anything else deletes it."""
+def power_off(d: Path, pid: int, reason: str, grace: float = 30, started: int | None = None) -> None:
+    """Power a node off from outside; `reason` "stop" keeps its disk, anything else deletes it. `started`:
+    the supervisor's start time as its record kept it (a pid alone may now name another node's)."""
     from remotefit.sandbox import pid_alive
 
     _write(d / STOP_REASON, reason)
-    if not pid_alive(pid, "sandbox_machine"):  # a record's pid may be stale: the machine's own supervisor
-        pid = supervisors(d.parent).get(d, pid)
-    if pid_alive(pid, "sandbox_machine"):
+    if not pid_alive(pid, "sandbox_machine", started):  # a stale record: the machine's own supervisor, if any
+        pid, started = supervisors(d.parent).get(d, 0), None  # found by its --dir: this node's, no other
+    if pid and pid_alive(pid, "sandbox_machine", started):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while pid_alive(pid, "sandbox_machine") and time.monotonic() < deadline:
+        while pid_alive(pid, "sandbox_machine", started) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if pid_alive(pid, "sandbox_machine"):
+        if pid_alive(pid, "sandbox_machine", started):
             inits = _inits(pid)  # before the kill: an orphaned init is no longer anyone's child
             os.killpg(pid, signal.SIGKILL)
             _kill_machine(d, inits)  # nspawn killed outright leaves the container's init running, orphaned
@@ -538,7 +550,13 @@ def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region:
     from remotefit.sandbox import SandboxNode, pid_alive
 
     old = sb.node(instance_id)
-    if old and old.mode == "container" and pid_alive(old.pid, "sandbox_machine") and wait_ssh(old.host, old.pid, 30):
+    was = old.started(old.pid) if old else None
+    if (
+        old
+        and old.mode == "container"
+        and pid_alive(old.pid, "sandbox_machine", was)
+        and wait_ssh(old.host, old.pid, 30, was)
+    ):
         return old  # still booted (a slow answer made it look down): never a second machine for one instance
     net = bridge_network()
     bridge = ensure_bridge(net)
@@ -580,6 +598,8 @@ def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region:
         mode="container",
         host=ip,
     )
+    node.note(proc.pid)
+    node.note(imds_pid)
     atomic_write(d / "node.json", json.dumps(asdict(node)))
     try:
         _wait_booted(node, d, t0, kept)
@@ -596,7 +616,7 @@ def _wait_booted(node: SandboxNode, d: Path, t0: float, kept: bool) -> None:
     from remotefit.sandbox import pid_alive
 
     timeout = float(os.environ.get(BOOT_TIMEOUT_ENV) or DEFAULT_BOOT_TIMEOUT)
-    if wait_ssh(node.host, node.pid, timeout):
+    if wait_ssh(node.host, node.pid, timeout, node.started(node.pid)):
         echo(f"sandbox: {node.instance_id} booted to SSH at {node.host} in {time.monotonic() - t0:.1f} s (container)")
         return
     waited = time.monotonic() - t0
@@ -606,7 +626,8 @@ def _wait_booted(node: SandboxNode, d: Path, t0: float, kept: bool) -> None:
         + "\n".join(f"  | {x}" for x in tail.splitlines())
     )
     rest = "its disk is kept (a stopped instance's)" if kept else "`inv destroy` removes the rest"
-    if not pid_alive(node.pid, "sandbox_machine"):  # not slow: the machine ended (or never started)
+    # Not slow: the machine ended (or never started).
+    if not pid_alive(node.pid, "sandbox_machine", node.started(node.pid)):
         raise UserError(
             f"sandbox node {node.instance_id} ({node.host}) stopped {waited:.0f} s after it was started, before "
             f"its sshd answered (its console and supervisor log are above; its folder is {d}); {rest}"

@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from remotefit.node.contract import start_ticks
 from remotefit.proc import atomic_write, locked
 
 RECORD = "provider.json"
@@ -59,7 +60,7 @@ def _serving(rec: dict[str, object]) -> bool:
 
     try:
         addr = json.loads(str(rec["reattach"]))["registry.terraform.io/hashicorp/aws"]["Addr"]["String"]
-        return pid_alive(int(str(rec["pid"])), MARKER) and Path(addr).exists()
+        return pid_alive(int(str(rec["pid"])), MARKER, _started(rec)) and Path(addr).exists()
     except (KeyError, TypeError, ValueError):
         return False
 
@@ -93,13 +94,20 @@ def reattach_env(sandbox_dir: Path, tfdir: Path, env: Mapping[str, str]) -> dict
         while time.monotonic() < deadline and proc.poll() is None:
             m = _REATTACH.search(log.read_text(errors="replace"))
             if m:
-                atomic_write(sandbox_dir / RECORD, json.dumps({"pid": proc.pid, "key": key, "reattach": m[1]}))
+                rec = {"pid": proc.pid, "start": start_ticks(proc.pid), "key": key, "reattach": m[1]}
+                atomic_write(sandbox_dir / RECORD, json.dumps(rec))
                 return {"TF_REATTACH_PROVIDERS": m[1]}
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError):  # did not come up: Terraform starts its own, as elsewhere
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         return {}
+
+
+def _started(rec: dict[str, object]) -> int | None:
+    """The daemon's start time as its record kept it (none in a record written before it was kept)."""
+    started = rec.get("start")
+    return started if isinstance(started, int) else None
 
 
 def read(sandbox_dir: Path) -> dict[str, object] | None:
@@ -120,6 +128,6 @@ def stop(sandbox_dir: Path) -> int | None:
         return None
     with contextlib.suppress(TypeError, ValueError):
         pid = int(str(rec.get("pid")))
-        if stop_pid(pid, MARKER):
+        if stop_pid(pid, MARKER, started=_started(rec)):
             return pid
     return None

@@ -328,7 +328,7 @@ def test_a_container_nodes_record_goes_only_with_its_machine(monkeypatch: pytest
     d = sb.nodes_dir / node.instance_id
     d.mkdir(parents=True)
     (d / "node.json").write_text(json.dumps({"instance_id": node.instance_id}))
-    monkeypatch.setattr(sandbox_machine, "power_off", lambda *a: None)
+    monkeypatch.setattr(sandbox_machine, "power_off", lambda *a, **kw: None)
     monkeypatch.setattr(Sandbox, "_stop_helpers", lambda self, n: None)
     running = {d: 4242}
     monkeypatch.setattr(sandbox_machine, "supervisors", lambda nodes_dir, proc=None: dict(running))
@@ -421,3 +421,23 @@ def test_a_machine_that_ends_before_its_sshd_is_named_as_stopped_with_its_superv
     cap = capsys.readouterr()
     out = cap.out + cap.err
     assert "its supervisor: CalledProcessError: mount exited 32" in out, out
+
+
+def test_only_the_nodes_own_init_is_killed_by_its_leader_pid(tmp_path: Path) -> None:
+    """A leader pid recorded for one node may name another node's init once pids wrap: each init sits in
+    its node's own cgroup, so only that one matches."""
+
+    def proc(pid: int, comm: str, cgroup: str) -> None:
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "comm").write_text(comm + "\n")
+        (tmp_path / str(pid) / "cgroup").write_text(cgroup)
+
+    proc(10, "systemd", "1:name=systemd:/remotefit-i-a/payload\n0::/remotefit-i-a/payload\n")
+    proc(11, "systemd", "1:name=systemd:/remotefit-i-b/payload\n0::/remotefit-i-b/payload\n")
+    proc(12, "systemd", "1:name=systemd:/payload\n0::/payload\n")  # a node that could not get a cgroup
+    proc(13, "python3", "0::/remotefit-i-a/payload/system.slice/x.service\n")
+    assert sandbox_machine.is_machine_init(10, "i-a", tmp_path)
+    assert not sandbox_machine.is_machine_init(11, "i-a", tmp_path)  # another node's init
+    assert sandbox_machine.is_machine_init(12, "i-a", tmp_path)  # no cgroup to tell by: an init is all we know
+    assert not sandbox_machine.is_machine_init(13, "i-a", tmp_path)  # not an init
+    assert not sandbox_machine.is_machine_init(14, "i-a", tmp_path)  # gone
