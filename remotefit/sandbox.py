@@ -121,16 +121,18 @@ def stop_sshd(pid: int, grace: float = 3.0, started: int | None = None) -> bool:
     """Stop a node's sshd listener AND its open connections with what they run. Each connection's sshd
     calls setsid(), so stopping the listener's process group spares them: a client's ControlMaster
     (ControlPersist 10m) would keep a "terminated" node's session running. True if the listener ran."""
-    sessions = descendants(pid) if pid_alive(pid, "sshd", started) else []
+    found = descendants(pid) if pid_alive(pid, "sshd", started) else []
+    sessions = [(s, contract.start_ticks(s)) for s in found]  # each one process, however long the wait below
     stopped = stop_pid(pid, "sshd", grace=grace, started=started)
-    for s in sessions:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(s, signal.SIGTERM)
+    for s, t in sessions:
+        if pid_alive(s, "", t):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(s, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while any(pid_alive(s, "") for s in sessions) and time.monotonic() < deadline:
+    while any(pid_alive(s, "", t) for s, t in sessions) and time.monotonic() < deadline:
         time.sleep(0.05)
-    for s in sessions:
-        if pid_alive(s, ""):
+    for s, t in sessions:
+        if pid_alive(s, "", t):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(s, signal.SIGKILL)
         _reap(s)
@@ -416,12 +418,12 @@ class Sandbox:
             port, pid = self._spawn_sshd(d, host_key, instance_id, user, boot, imds[1] if imds else None)
         except UserError:
             if imds:
-                stop_pid(imds[0], "sandbox_imds")
+                stop_pid(imds[0], "sandbox_imds", started=imds[2])
             raise
         node = SandboxNode(instance_id=instance_id, port=port, pid=pid, user=user, workdir=str(home / "remotefit"))
         node.note(pid)
         if imds:
-            node.imds_pid, node.imds_port = node.note(imds[0]), imds[1]
+            node.imds_pid, node.imds_port = node.note(imds[0], imds[2]), imds[1]
         if endpoint:  # only once the node is reachable: a failed start leaves no watchdog looping
             node.watchdog_pid = node.note(self._start_watchdog(d, node, endpoint, region, max_hours, idle_minutes))
             node.spot_pid = node.note(self._spawn_spot_poll(d, node))
@@ -521,8 +523,9 @@ class Sandbox:
 
     def _start_imds(
         self, d: Path, instance_id: str, endpoint: str, region: str, local_ipv4: str = "127.0.0.1"
-    ) -> tuple[int, int]:
-        """The node's metadata service (remotefit.sandbox_imds), with what EC2 says of the instance."""
+    ) -> tuple[int, int, int | None]:
+        """The node's metadata service (remotefit.sandbox_imds), with what EC2 says of the instance: (pid,
+        port, start time), the start time read while this holds the process (a later spawn reaps it)."""
         import boto3
 
         from remotefit.sandbox_imds import FACTS, PORT_FILE
@@ -552,7 +555,7 @@ class Sandbox:
         while proc.poll() is None and not (d / PORT_FILE).exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         try:
-            return proc.pid, int((d / PORT_FILE).read_text())
+            return proc.pid, int((d / PORT_FILE).read_text()), contract.start_ticks(proc.pid)
         except (OSError, ValueError):
             stop_pid(proc.pid, "sandbox_imds")
             tail = (d / "imds.log").read_text(errors="replace").strip().splitlines()[-1:]
@@ -706,9 +709,10 @@ class SandboxNode:
     # record from before this field has none, and is checked by marker alone.
     starts: dict[str, int] = field(default_factory=dict)
 
-    def note(self, pid: int | None) -> int | None:
-        """Keep the start time of `pid`, a process just spawned for this node; returns the pid."""
-        ticks = contract.start_ticks(pid) if pid else None
+    def note(self, pid: int | None, ticks: int | None = None) -> int | None:
+        """Keep the start time of `pid`, a process just spawned for this node (or `ticks`, read when it was);
+        returns the pid."""
+        ticks = ticks if ticks is not None else contract.start_ticks(pid) if pid else None
         if pid and ticks is not None:
             self.starts[str(pid)] = ticks
         return pid

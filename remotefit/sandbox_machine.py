@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from remotefit.errors import UserError
+from remotefit.node.contract import start_ticks
 
 if TYPE_CHECKING:
     from remotefit.sandbox import Sandbox, SandboxNode
@@ -433,14 +434,16 @@ def _kill_machine(d: Path, inits: Sequence[int] = ()) -> None:
 
 
 def is_machine_init(pid: int, instance_id: str, proc: Path = Path("/proc")) -> bool:
-    """Whether `pid` is still this node's container init, not a recycled pid: an init, and in the node's own
-    cgroup where it has one (another node's init sits in its own `remotefit-<id>`)."""
+    """Whether `pid` is still this node's container init, not a recycled pid: an init in a pid namespace
+    other than ours, and in the node's own cgroup where it has one (another node's init sits in its own
+    `remotefit-<id>`)."""
     try:
         comm = (proc / str(pid) / "comm").read_text().strip()
         cgroups = (proc / str(pid) / "cgroup").read_text()
+        own_ns = os.readlink(proc / str(pid) / "ns/pid") == os.readlink(proc / "self/ns/pid")
     except OSError:
         return False
-    if comm not in ("systemd", "init"):
+    if comm not in ("systemd", "init") or own_ns:
         return False
     return f"/remotefit-{instance_id}/" in cgroups or "/remotefit-i-" not in cgroups
 
@@ -468,8 +471,11 @@ def power_off(d: Path, pid: int, reason: str, grace: float = 30, started: int | 
     from remotefit.sandbox import pid_alive
 
     _write(d / STOP_REASON, reason)
-    if not pid_alive(pid, "sandbox_machine", started):  # a stale record: the machine's own supervisor, if any
-        pid, started = supervisors(d.parent).get(d, 0), None  # found by its --dir: this node's, no other
+    if started is None or not pid_alive(pid, "sandbox_machine", started):
+        # A stale record, or one without a start time: the machine's own supervisor, found now by its --dir
+        # (this node's, no other's), and its start time with it, for the wait below.
+        pid = supervisors(d.parent).get(d, 0)
+        started = start_ticks(pid) if pid else None
     if pid and pid_alive(pid, "sandbox_machine", started):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -574,7 +580,7 @@ def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region:
     d = sb.nodes_dir / instance_id
     kept = (d / "disk").exists()  # a stopped instance started again: its disk holds the user's files
     _write_seed(d, instance_id, ip, public_key, user_data)
-    imds_pid, imds_port = sb._start_imds(d, instance_id, endpoint, region, local_ipv4=ip)
+    imds_pid, imds_port, imds_start = sb._start_imds(d, instance_id, endpoint, region, local_ipv4=ip)
     cfg = machine_config(d, sb.dir, instance_id, ip, net, bridge, str(image), str(house), endpoint, region)
     cfg["forwards"][0][3] = imds_port
     atomic_write(d / MACHINE, json.dumps(cfg))
@@ -599,7 +605,7 @@ def start(sb: Sandbox, instance_id: str, public_key: str, endpoint: str, region:
         host=ip,
     )
     node.note(proc.pid)
-    node.note(imds_pid)
+    node.note(imds_pid, imds_start)
     atomic_write(d / "node.json", json.dumps(asdict(node)))
     try:
         _wait_booted(node, d, t0, kept)

@@ -79,7 +79,18 @@ def test_a_reused_pid_of_another_daemon_is_not_signalled(
     if shutil.which("unshare") is None:
         pytest.fail("unshare (util-linux) is missing")
     res = subprocess.run(  # noqa: S603
-        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", SCRIPT, kind, str(tmp_path)],  # noqa: S607
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+            sys.executable,
+            "-c",
+            SCRIPT,
+            kind,
+            str(tmp_path),
+        ],  # noqa: S607
         capture_output=True,
         text=True,
         timeout=60,
