@@ -450,3 +450,31 @@ def test_only_the_nodes_own_init_is_killed_by_its_leader_pid(tmp_path: Path) -> 
     assert not sandbox_machine.is_machine_init(13, "i-a", tmp_path)  # not an init
     assert not sandbox_machine.is_machine_init(14, "i-a", tmp_path)  # gone
     assert not sandbox_machine.is_machine_init(15, "i-a", tmp_path)  # an init, but not in a container
+
+
+def test_a_machine_that_powers_off_while_moto_fails_still_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """moto answering the shutdown behaviour but failing the stop (a restart's 503 gate, a crash) must not
+    crash the supervisor's finish: that would leave node.json naming a dead supervisor, the disk, and the
+    node's metadata service running."""
+    import boto3
+
+    class Ec2:
+        def describe_instance_attribute(self, **_kw: object) -> dict[str, object]:
+            return {"InstanceInitiatedShutdownBehavior": {"Value": "terminate"}}
+
+        def terminate_instances(self, **_kw: object) -> None:
+            raise RuntimeError("503 Service Unavailable")
+
+    monkeypatch.setattr(boto3, "client", lambda *a, **k: Ec2())
+    d = tmp_path / "nodes" / "i-0abc"
+    (d / "disk" / "upper").mkdir(parents=True)
+    (d / "node.json").write_text('{"instance_id": "i-0abc", "port": 22, "pid": 1, "user": "u", "workdir": "/w"}')
+    cfg = {"instance_id": "i-0abc", "dir": str(d), "root": str(d / "root"), "disk": str(d / "disk")}
+    cfg |= {"sandbox_dir": str(tmp_path), "endpoint": "http://127.0.0.1:9", "region": "us-east-1"}
+    monkeypatch.setattr(Sandbox, "_stop_helpers", lambda self, node: None)
+    sandbox_machine._finish(cfg, 0)
+    assert '"instance": "terminated"' in (d / sandbox_machine.EXIT).read_text()
+    assert not (d / "disk").exists() and not (d / "node.json").exists()
+    assert "could not mark i-0abc terminated in moto: 503 Service Unavailable" in capsys.readouterr().out
