@@ -197,9 +197,8 @@ class Sandbox:
             srv = Server(**json.loads(self.record.read_text()))
         except (OSError, ValueError, TypeError):
             return None
-        if pid_alive(srv.pid, "moto", srv.pid_start) and any(
-            _answers(srv.endpoint) for _ in range(3)
-        ):  # may answer late
+        # Three tries: a loaded server may answer late.
+        if pid_alive(srv.pid, "moto", srv.pid_start) and any(_answers(srv.endpoint) for _ in range(3)):
             return srv
         return None
 
@@ -219,9 +218,8 @@ class Sandbox:
         except (OSError, ValueError, TypeError):
             stale = None
         if stale and pid_alive(stale.pid, "moto", stale.pid_start):
-            stop_pid(
-                stale.pid, "moto", started=stale.pid_start
-            )  # running but deaf: stop it rather than leave a second server behind
+            # Running but deaf: stop it rather than leave a second server behind.
+            stop_pid(stale.pid, "moto", started=stale.pid_start)
         # Decided before the new server answers anything (its own start-up probes are recorded too).
         fresh = not self.recording.exists() or self.recording.stat().st_size == 0
         slot = self._ip_slot()
