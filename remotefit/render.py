@@ -97,14 +97,14 @@ def holds(path: Path, text: str) -> bool:
 def render_terraform(templates: Path, out_dir: Path, context: Mapping[str, Any] | None = None) -> list[Path]:
     """Render templates into `out_dir`, checking every file before writing any of them."""
     rendered = render_templates(templates, context or template_context())
-    for name, text in rendered.items():
-        if name.endswith(".tf") and not holds(out_dir / name, text):
+    changed = {name: text for name, text in rendered.items() if not holds(out_dir / name, text)}
+    for name, text in changed.items():
+        if name.endswith(".tf"):
             check_hcl(f"generated/terraform/{name} (from templates/{name}.j2)", text)
     ensure_writable(out_dir)
-    written = []
-    for name, text in rendered.items():
+    for name, text in changed.items():  # an unchanged file is left as it is: no rewrite, no fsync
         atomic_write(out_dir / name, text)
-        written.append(out_dir / name)
+    written = [out_dir / name for name in rendered]
     for extra in sorted(templates.glob("*.tftpl")):
         shutil.copyfile(extra, out_dir / extra.name)
         written.append(out_dir / extra.name)
@@ -171,8 +171,9 @@ def hcl_assignments(values: Mapping[str, Any]) -> str:
 def write_hcl_file(path: Path, values: Mapping[str, Any], header: str) -> Path:
     """Write `key = value` lines (a tfvars or backend config), checked with python-hcl2, atomically."""
     text = f"# {header}\n" + hcl_assignments(values)
-    if not holds(path, text):
-        check_hcl(path.name, text)
+    if holds(path, text):
+        return path  # checked when it was written: the same text parses the same way
+    check_hcl(path.name, text)
     ensure_writable(path.parent)
     atomic_write(path, text)
     return path
